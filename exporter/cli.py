@@ -1,0 +1,166 @@
+"""Command line: run, demo, master, check-config, render.
+
+Exit codes: 0 ok, 2 bad config or usage (every error printed with its key path), 1 a failure
+while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from exporter import __version__, logs
+from exporter.config import ConfigError, load_config, read_token, summary
+
+log = logging.getLogger("exporter.cli")
+SHUTDOWN_DEADLINE = 10.0
+
+
+def _print_errors(path: str, errors: list[str]) -> None:
+    print(f"{path}: {len(errors)} error(s)", file=sys.stderr)
+    for err in errors:
+        print(f"  {err}", file=sys.stderr)
+
+
+async def serve_until_signalled(service: object, host: str | None = None,
+                                port: int | None = None) -> None:
+    """Run a Service until SIGTERM/SIGINT; SIGHUP reloads its config."""
+    from exporter.service import Service
+
+    assert isinstance(service, Service)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reload()))
+    await service.start(host, port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down (deadline %.0fs)", SHUTDOWN_DEADLINE)
+        try:
+            await asyncio.wait_for(service.stop(), SHUTDOWN_DEADLINE)
+        except TimeoutError:
+            log.error("shutdown did not finish within %.0fs", SHUTDOWN_DEADLINE)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from exporter.service import Service
+
+    try:
+        cfg = load_config(args.config)
+        token = read_token(cfg.api)
+    except ConfigError as exc:
+        _print_errors(args.config, exc.errors)
+        return 2
+    if token is None and not args.insecure_no_auth:
+        source = f"${cfg.api.token_env}" if cfg.api.token_env else "api.token_file"
+        print(f"refusing to start: mutating endpoints need a bearer token and {source} is empty; "
+              "set it, or start with --insecure-no-auth to run without authentication",
+              file=sys.stderr)
+        return 2
+    if token is None:
+        log.warning("running with --insecure-no-auth: mutating endpoints accept any caller")
+    service = Service(cfg, args.config, token=token, insecure_no_auth=args.insecure_no_auth)
+    log.info("%s", summary(cfg))
+    asyncio.run(serve_until_signalled(service, args.host, args.port))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.path)
+    except ConfigError as exc:
+        _print_errors(args.path, exc.errors)
+        return 2
+    print(summary(cfg))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from exporter.rules import render
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        _print_errors(args.config, exc.errors)
+        return 2
+    for path in render(cfg, Path(args.out)):
+        print(path)
+    return 0
+
+
+def cmd_master(args: argparse.Namespace) -> int:
+    from exporter.simmaster import serve_master
+
+    asyncio.run(serve_master(args.name, args.port, args.region, args.role, args.host))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from exporter.demo import run_demo
+
+    asyncio.run(run_demo(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ha-exporter", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"ha-exporter {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the exporter with a config file")
+    run.add_argument("--config", required=True)
+    run.add_argument("--host", help="override listen.host")
+    run.add_argument("--port", type=int, help="override listen.port")
+    run.add_argument("--insecure-no-auth", action="store_true",
+                     help="allow mutating endpoints without a bearer token (logged at start)")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="simulated fleet plus exporter in one command")
+    demo.add_argument("--port", type=int, default=9108, help="exporter port")
+    demo.add_argument("--master-port", type=int, default=9201, help="first simulated master port")
+    demo.add_argument("--chaos", action="store_true", help="fail and heal masters on a schedule")
+    demo.add_argument("--chaos-every", type=float, default=40.0, metavar="SECONDS")
+    demo.add_argument("--interval", default="2s", help="probe interval")
+    demo.add_argument("--duration", type=float, default=0.0,
+                      help="stop by itself after this many seconds (0: until Ctrl-C)")
+    demo.add_argument("--state-dir", default=None, help="where the demo keeps its SQLite state")
+    demo.set_defaults(func=cmd_demo)
+
+    master = sub.add_parser("master", help="one simulated master process")
+    master.add_argument("--name", required=True)
+    master.add_argument("--port", type=int, required=True)
+    master.add_argument("--region", default="default")
+    master.add_argument("--role", default="active", choices=["active", "standby"])
+    master.add_argument("--host", default="127.0.0.1")
+    master.set_defaults(func=cmd_master)
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("path")
+    check.set_defaults(func=cmd_check_config)
+
+    render = sub.add_parser("render", help="render alert rules from a config's thresholds")
+    render.add_argument("--config", required=True)
+    render.add_argument("--out", required=True)
+    render.set_defaults(func=cmd_render)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level, args.log_format)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""/metrics: fleet-level metrics through prometheus_client, per-master families rendered direct.
+
+Per-master families (about 35 samples per master) are written straight from the MasterRuntime
+records by ``FleetCollector``: no client-library child object per label set, so 10,000 masters
+cost one pass over plain Python objects per scrape (see docs/benchmarks.md). Both the classic
+text format (0.0.4) and OpenMetrics 1.0 are produced; the scraper's Accept header chooses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client import exposition as text_exposition
+from prometheus_client.openmetrics import exposition as om_exposition
+
+from exporter import __version__
+from exporter.fleet import PROBE_BUCKETS, Fleet, MasterRuntime
+from exporter.health import RESULTS, STATES
+
+TEXT_CONTENT_TYPE = text_exposition.CONTENT_TYPE_LATEST
+OM_CONTENT_TYPE = om_exposition.CONTENT_TYPE_LATEST
+FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def escape(value: str) -> str:
+    """Label-value escaping shared by both formats."""
+    if "\\" in value or '"' in value or "\n" in value:
+        value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
+
+
+def fmt(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return repr(value)
+
+
+_BUCKET_LABELS = [f'le="{b}"' for b in PROBE_BUCKETS] + ['le="+Inf"']
+
+
+class FleetCollector:
+    """Renders the per-master families from the fleet's live records."""
+
+    def __init__(self, fleet: Callable[[], Fleet],
+                 weights: Callable[[], Mapping[str, float]],
+                 decisions: Callable[[], Mapping[tuple[str, str], int]],
+                 checkpoint_ages: Callable[[float], Mapping[str, float]],
+                 recovery_timeout: Callable[[], float]) -> None:
+        self._fleet = fleet
+        self._weights = weights
+        self._decisions = decisions
+        self._checkpoint_ages = checkpoint_ages
+        self._recovery_timeout = recovery_timeout
+
+    def render(self, openmetrics: bool) -> str:
+        out: list[str] = []
+        add = out.append
+        now = time.time()
+        masters = list(self._fleet())
+        labels = {rt.name: f'master="{escape(rt.name)}"' for rt in masters}
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            base = name.removesuffix("_total") if openmetrics and kind == "counter" else name
+            add(f"# HELP {base} {help_text}\n# TYPE {base} {kind}\n")
+
+        def gauge_per_master(name: str, help_text: str,
+                             values: Iterable[tuple[MasterRuntime, float | None]]) -> None:
+            family(name, "gauge", help_text)
+            for rt, v in values:
+                if v is not None:
+                    add(f"{name}{{{labels[rt.name]}}} {fmt(v)}\n")
+
+        family("ha_master_up", "gauge", "1 if the last probe of the master succeeded, else 0.")
+        for rt in masters:
+            c = rt.config
+            add(f'ha_master_up{{{labels[rt.name]},region="{escape(c.region)}",'
+                f'role="{rt.role}"}} {1 if rt.up else 0}\n')
+
+        family("ha_master_info", "gauge", "Static facts of each master; always 1.")
+        for rt in masters:
+            c = rt.config
+            add(f'ha_master_info{{{labels[rt.name]},region="{escape(c.region)}",role="{rt.role}",'
+                f'priority="{c.priority}"}} 1\n')
+
+        family("ha_master_state", "gauge",
+               "1 for the current health state of the master, 0 for the others.")
+        for rt in masters:
+            lab, cur = labels[rt.name], rt.health.state
+            for st in STATES:
+                add(f'ha_master_state{{{lab},state="{st}"}} {1 if st is cur else 0}\n')
+
+        family("ha_master_probe_duration_seconds", "histogram",
+               "Duration of health probes, from the exporter's own probe schedule.")
+        for rt in masters:
+            lab = labels[rt.name]
+            cumulative = 0
+            for bl, n in zip(_BUCKET_LABELS, rt.bucket_counts, strict=True):
+                cumulative += n
+                add(f"ha_master_probe_duration_seconds_bucket{{{lab},{bl}}} {cumulative}\n")
+            add(f"ha_master_probe_duration_seconds_sum{{{lab}}} {fmt(rt.probe_sum)}\n"
+                f"ha_master_probe_duration_seconds_count{{{lab}}} {cumulative}\n")
+
+        family("ha_master_probes_total", "counter", "Health probes by result.")
+        for rt in masters:
+            lab = labels[rt.name]
+            for res, n in zip(RESULTS, rt.result_counts, strict=True):
+                add(f'ha_master_probes_total{{{lab},result="{res}"}} {n}\n')
+
+        gauge_per_master("ha_master_consecutive_failures", "Consecutive failed probes.",
+                         ((rt, rt.health.consecutive_failures) for rt in masters))
+        gauge_per_master(
+            "ha_master_last_probe_timestamp_seconds",
+            "Unix time of the last completed probe. Comes from the exporter's own probe "
+            "schedule, not from this scrape: a scrape never triggers a probe.",
+            ((rt, rt.last_probe_wall) for rt in masters))
+        timeout = self._recovery_timeout()
+        gauge_per_master("ha_master_recovery_timed_out",
+                         "1 when the master has been failed longer than failover.recovery_timeout.",
+                         ((rt, 1 if rt.health.recovery_timed_out(now, timeout) else 0)
+                          for rt in masters))
+        gauge_per_master("ha_master_needs_reset",
+                         "1 when max_recovery_attempts ran out: only a manual reset heals it.",
+                         ((rt, 1 if rt.health.needs_reset else 0) for rt in masters))
+        gauge_per_master("ha_master_queue_length", "Queue length the master last reported.",
+                         ((rt, rt.queue_length) for rt in masters))
+        gauge_per_master("ha_master_active_messages", "Messages in flight the master reported.",
+                         ((rt, rt.active_messages) for rt in masters))
+        gauge_per_master("ha_master_cpu_percent", "CPU use the master last reported.",
+                         ((rt, rt.cpu_percent) for rt in masters))
+        gauge_per_master("ha_master_memory_percent", "Memory use the master last reported.",
+                         ((rt, rt.memory_percent) for rt in masters))
+        weights = self._weights()
+        gauge_per_master("ha_master_routing_weight",
+                         "Effective routing weight; 0 when out of rotation.",
+                         ((rt, weights.get(rt.name, 0.0)) for rt in masters))
+        ages = self._checkpoint_ages(now)
+        gauge_per_master("ha_master_checkpoint_age_seconds",
+                         "Age of the newest state checkpoint kept for the master.",
+                         ((rt, ages.get(rt.name)) for rt in masters))
+
+        family("ha_route_decisions_total", "counter", "Routing decisions by master and strategy.")
+        for (master, strategy), n in sorted(self._decisions().items()):
+            add(f'ha_route_decisions_total{{master="{escape(master)}",strategy="{strategy}"}} '
+                f"{n}\n")
+        return "".join(out)
+
+
+class ExporterMetrics:
+    """The exporter's own registry (fleet-level metrics) plus the per-master collector."""
+
+    def __init__(self, collector: FleetCollector) -> None:
+        self.collector = collector
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Gauge("ha_build_info", "Version of the running exporter; always 1.",
+                                ["version"], registry=r)
+        self.build_info.labels(__version__).set(1)
+        self.config_reload_success = Gauge(
+            "ha_config_last_reload_success", "1 if the last config (re)load succeeded.",
+            registry=r)
+        self.config_reload_timestamp = Gauge(
+            "ha_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config (re)load.", registry=r)
+        self.fleet_health_score = Gauge(
+            "ha_fleet_health_score",
+            "0..100: share of masters (maintenance excluded) serving; degraded count half.",
+            registry=r)
+        self.load_distribution_quality = Gauge(
+            "ha_load_distribution_quality",
+            "0..100: how evenly queue per unit of weight is spread over routed masters.",
+            registry=r)
+        self.failovers = Counter(
+            "ha_failovers_total", "Failovers by the master failed away from and result.",
+            ["master", "result"], registry=r)
+        self.failover_duration = Histogram(
+            "ha_failover_duration_seconds", "Time from failover start to its final result.",
+            buckets=FAILOVER_BUCKETS, registry=r)
+        self.failover_in_progress = Gauge(
+            "ha_failover_in_progress", "Failovers running now.", registry=r)
+        self.failover_paused = Gauge(
+            "ha_failover_paused", "1 while automatic failover is paused or disabled.", registry=r)
+        self.rebalances = Counter("ha_rebalances_total", "Weight shifts by reason.", ["reason"],
+                                  registry=r)
+        self.probe_rounds = Counter("ha_probe_rounds_total", "Probe rounds scheduled.",
+                                    registry=r)
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """Body and content type for a scrape, OpenMetrics when the Accept header asks."""
+        openmetrics = bool(accept) and "application/openmetrics-text" in accept
+        if openmetrics:
+            head = om_exposition.generate_latest(self.registry).decode()
+            head = head.removesuffix("# EOF\n")
+            body = head + self.collector.render(True) + "# EOF\n"
+            return body.encode(), OM_CONTENT_TYPE
+        head = text_exposition.generate_latest(self.registry).decode()
+        return (head + self.collector.render(False)).encode(), TEXT_CONTENT_TYPE
