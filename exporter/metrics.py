@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from itertools import accumulate
 
 from prometheus_client import (
     CollectorRegistry,
@@ -40,16 +41,40 @@ def escape(value: str) -> str:
 
 
 def fmt(value: float) -> str:
-    if isinstance(value, int):
+    if type(value) is int:  # the common case first: counts
         return str(value)
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
+    if value != value:
         return "NaN"
-    return repr(value)
+    if value in (math.inf, -math.inf):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
 
 
 _BUCKET_LABELS = [f'le="{b}"' for b in PROBE_BUCKETS] + ['le="+Inf"']
+
+
+class _Lines:
+    """A master's static line prefixes, built once per (config, role), reused every scrape."""
+
+    __slots__ = ("buckets", "config", "count", "info", "lab", "probes", "role", "states", "sum",
+                 "up")
+
+    def __init__(self, rt: MasterRuntime) -> None:
+        c = rt.config
+        self.config, self.role = c, rt.role
+        lab = self.lab = f'master="{escape(c.name)}"'
+        region = escape(c.region)
+        self.up = f'ha_master_up{{{lab},region="{region}",role="{rt.role}"}} '
+        self.info = (f'ha_master_info{{{lab},region="{region}",role="{rt.role}",'
+                     f'priority="{c.priority}"}} 1\n')
+        self.states = {cur: "".join(f'ha_master_state{{{lab},state="{st}"}} '
+                                    f'{1 if st is cur else 0}\n' for st in STATES)
+                       for cur in STATES}
+        self.buckets = [f"ha_master_probe_duration_seconds_bucket{{{lab},{bl}}} "
+                        for bl in _BUCKET_LABELS]
+        self.sum = f"ha_master_probe_duration_seconds_sum{{{lab}}} "
+        self.count = f"ha_master_probe_duration_seconds_count{{{lab}}} "
+        self.probes = [f'ha_master_probes_total{{{lab},result="{res}"}} ' for res in RESULTS]
 
 
 class FleetCollector:
@@ -65,92 +90,97 @@ class FleetCollector:
         self._decisions = decisions
         self._checkpoint_ages = checkpoint_ages
         self._recovery_timeout = recovery_timeout
+        self._lines: dict[str, _Lines] = {}
+
+    def _lines_of(self, masters: list[MasterRuntime]) -> list[_Lines]:
+        cache = self._lines
+        out = []
+        for rt in masters:
+            lines = cache.get(rt.config.name)
+            if lines is None or lines.config is not rt.config or lines.role != rt.role:
+                lines = cache[rt.config.name] = _Lines(rt)
+            out.append(lines)
+        if len(cache) > len(masters):  # masters removed by a reload
+            keep = {rt.config.name for rt in masters}
+            self._lines = {k: v for k, v in cache.items() if k in keep}
+        return out
 
     def render(self, openmetrics: bool) -> str:
         out: list[str] = []
         add = out.append
         now = time.time()
         masters = list(self._fleet())
-        labels = {rt.name: f'master="{escape(rt.name)}"' for rt in masters}
+        cached = self._lines_of(masters)
+        labs = [lines.lab for lines in cached]
+        pairs = list(zip(masters, cached, strict=True))
 
         def family(name: str, kind: str, help_text: str) -> None:
             base = name.removesuffix("_total") if openmetrics and kind == "counter" else name
             add(f"# HELP {base} {help_text}\n# TYPE {base} {kind}\n")
 
         def gauge_per_master(name: str, help_text: str,
-                             values: Iterable[tuple[MasterRuntime, float | None]]) -> None:
+                             values: Iterable[float | None]) -> None:
             family(name, "gauge", help_text)
-            for rt, v in values:
+            for lab, v in zip(labs, values, strict=True):
                 if v is not None:
-                    add(f"{name}{{{labels[rt.name]}}} {fmt(v)}\n")
+                    add(f"{name}{{{lab}}} {fmt(v)}\n")
 
         family("ha_master_up", "gauge", "1 if the last probe of the master succeeded, else 0.")
-        for rt in masters:
-            c = rt.config
-            add(f'ha_master_up{{{labels[rt.name]},region="{escape(c.region)}",'
-                f'role="{rt.role}"}} {1 if rt.up else 0}\n')
+        for rt, lines in pairs:
+            add(f"{lines.up}{1 if rt.up else 0}\n")
 
         family("ha_master_info", "gauge", "Static facts of each master; always 1.")
-        for rt in masters:
-            c = rt.config
-            add(f'ha_master_info{{{labels[rt.name]},region="{escape(c.region)}",role="{rt.role}",'
-                f'priority="{c.priority}"}} 1\n')
+        for lines in cached:
+            add(lines.info)
 
         family("ha_master_state", "gauge",
                "1 for the current health state of the master, 0 for the others.")
-        for rt in masters:
-            lab, cur = labels[rt.name], rt.health.state
-            for st in STATES:
-                add(f'ha_master_state{{{lab},state="{st}"}} {1 if st is cur else 0}\n')
+        for rt, lines in pairs:
+            add(lines.states[rt.health.state])
 
         family("ha_master_probe_duration_seconds", "histogram",
                "Duration of health probes, from the exporter's own probe schedule.")
-        for rt in masters:
-            lab = labels[rt.name]
-            cumulative = 0
-            for bl, n in zip(_BUCKET_LABELS, rt.bucket_counts, strict=True):
-                cumulative += n
-                add(f"ha_master_probe_duration_seconds_bucket{{{lab},{bl}}} {cumulative}\n")
-            add(f"ha_master_probe_duration_seconds_sum{{{lab}}} {fmt(rt.probe_sum)}\n"
-                f"ha_master_probe_duration_seconds_count{{{lab}}} {cumulative}\n")
+        for rt, lines in pairs:
+            counts = list(accumulate(rt.bucket_counts))
+            add("".join([f"{p}{n}\n" for p, n in zip(lines.buckets, counts, strict=True)]))
+            add(f"{lines.sum}{fmt(rt.probe_sum)}\n{lines.count}{counts[-1]}\n")
 
         family("ha_master_probes_total", "counter", "Health probes by result.")
-        for rt in masters:
-            lab = labels[rt.name]
-            for res, n in zip(RESULTS, rt.result_counts, strict=True):
-                add(f'ha_master_probes_total{{{lab},result="{res}"}} {n}\n')
+        for rt, lines in pairs:
+            add("".join([f"{p}{n}\n" for p, n in zip(lines.probes, rt.result_counts,
+                                                       strict=True)]))
 
         gauge_per_master("ha_master_consecutive_failures", "Consecutive failed probes.",
-                         ((rt, rt.health.consecutive_failures) for rt in masters))
+                         (rt.health.consecutive_failures for rt in masters))
         gauge_per_master(
             "ha_master_last_probe_timestamp_seconds",
             "Unix time of the last completed probe. Comes from the exporter's own probe "
             "schedule, not from this scrape: a scrape never triggers a probe.",
-            ((rt, rt.last_probe_wall) for rt in masters))
+            (rt.last_probe_wall for rt in masters))
         timeout = self._recovery_timeout()
         gauge_per_master("ha_master_recovery_timed_out",
                          "1 when the master has been failed longer than failover.recovery_timeout.",
-                         ((rt, 1 if rt.health.recovery_timed_out(now, timeout) else 0)
+                         (1 if rt.health.recovery_timed_out(now, timeout) else 0
                           for rt in masters))
         gauge_per_master("ha_master_needs_reset",
                          "1 when max_recovery_attempts ran out: only a manual reset heals it.",
-                         ((rt, 1 if rt.health.needs_reset else 0) for rt in masters))
+                         (1 if rt.health.needs_reset else 0 for rt in masters))
         gauge_per_master("ha_master_queue_length", "Queue length the master last reported.",
-                         ((rt, rt.queue_length) for rt in masters))
+                         (rt.queue_length for rt in masters))
         gauge_per_master("ha_master_active_messages", "Messages in flight the master reported.",
-                         ((rt, rt.active_messages) for rt in masters))
+                         (rt.active_messages for rt in masters))
         gauge_per_master("ha_master_cpu_percent", "CPU use the master last reported.",
-                         ((rt, rt.cpu_percent) for rt in masters))
+                         (rt.cpu_percent for rt in masters))
         gauge_per_master("ha_master_memory_percent", "Memory use the master last reported.",
-                         ((rt, rt.memory_percent) for rt in masters))
+                         (rt.memory_percent for rt in masters))
         weights = self._weights()
         gauge_per_master("ha_master_routing_weight",
                          "Effective routing weight; 0 when out of rotation.",
-                         ((rt, weights.get(rt.name, 0.0)) for rt in masters))
+                         (weights.get(rt.config.name, 0.0) for rt in masters))
         ages = self._checkpoint_ages(now)
         gauge_per_master("ha_master_checkpoint_age_seconds",
                          "Age of the newest state checkpoint kept for the master.",
-                         ((rt, ages.get(rt.name)) for rt in masters))
+                         (ages.get(rt.config.name) for rt in masters))
 
         family("ha_route_decisions_total", "counter", "Routing decisions by master and strategy.")
         for (master, strategy), n in sorted(self._decisions().items()):
@@ -206,7 +236,7 @@ class ExporterMetrics:
         if openmetrics:
             head = om_exposition.generate_latest(self.registry).decode()
             head = head.removesuffix("# EOF\n")
-            body = head + self.collector.render(True) + "# EOF\n"
-            return body.encode(), OM_CONTENT_TYPE
-        head = text_exposition.generate_latest(self.registry).decode()
-        return (head + self.collector.render(False)).encode(), TEXT_CONTENT_TYPE
+            body = self.collector.render(True) + "# EOF\n"
+            return head.encode() + body.encode(), OM_CONTENT_TYPE
+        head_bytes = text_exposition.generate_latest(self.registry)
+        return head_bytes + self.collector.render(False).encode(), TEXT_CONTENT_TYPE

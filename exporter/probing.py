@@ -187,6 +187,7 @@ class Prober:
 
     async def stop(self) -> None:
         if self._scheduler is not None:
+            self._scheduler.remove_all_jobs()
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
         for handle in self._handles:
