@@ -28,7 +28,7 @@ from exporter import __version__
 from exporter.fleet import PROBE_BUCKETS, Fleet, MasterRuntime
 from exporter.health import RESULTS, STATES
 
-TEXT_CONTENT_TYPE = text_exposition.CONTENT_TYPE_LATEST
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the classic format
 OM_CONTENT_TYPE = om_exposition.CONTENT_TYPE_LATEST
 FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

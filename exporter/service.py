@@ -156,7 +156,7 @@ class Service:
                     log.error("config reload rejected, keeping the running config: %s", err)
                 return False, exc.errors
             self.apply_config(new)
-            if token is not None or not self.insecure_no_auth:
+            if token is not None:  # a reload never drops the token the service started with
                 self.token = token
             self.metrics.config_reload_success.set(1)
             self.metrics.config_reload_timestamp.set(time.time())
