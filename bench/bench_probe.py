@@ -45,6 +45,7 @@ class PerMasterJobs(Prober):
 async def ours(port: int, masters: int, interval: float, seconds: float,
                per_master: bool = False) -> dict:
     cfg = parse_config({
+        "state_path": str(Path(tempfile.mkdtemp()) / "bench.db"),
         "probe": {"interval": f"{int(interval * 1000)}ms", "timeout": "2s", "jitter": "10%",
                   "max_connections": 512},
         "masters": [{"name": f"m{i}", "url": f"http://127.0.0.1:{port}/m{i}"}

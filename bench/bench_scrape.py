@@ -14,7 +14,9 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from bench.common import machine, rss_kib, start_target
 from exporter.config import parse_config
@@ -24,6 +26,7 @@ from exporter.service import Service
 
 def config(port: int, n: int) -> dict:
     return {
+        "state_path": str(Path(tempfile.mkdtemp()) / "bench.db"),
         "probe": {"interval": "5s", "timeout": "2s"},
         "masters": [{"name": f"master-{i:05d}", "url": f"http://127.0.0.1:{port}/m{i}",
                      "region": ("uae", "usa", "eu")[i % 3], "priority": i,

@@ -15,11 +15,15 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from exporter import api_failover, api_routing, statuspage
 from exporter.config import Config, ConfigError, load_config, read_token
+from exporter.failover import FailoverManager
 from exporter.fleet import Fleet, MasterRuntime
 from exporter.health import RESULTS, EventBus, Result, Transition
 from exporter.metrics import ExporterMetrics, FleetCollector
 from exporter.probing import Outcome, Prober, new_session
+from exporter.routing import Router
+from exporter.store import Store
 
 log = logging.getLogger("exporter.service")
 _RESULT_INDEX = {r: i for i, r in enumerate(RESULTS)}
@@ -37,38 +41,111 @@ class Service:
         self.started_at = time.time()
         self.bus = EventBus()
         self.fleet = Fleet(config.masters, config.probe, config.failover.max_recovery_attempts)
+        self.store = Store(config.state_path)
+        self.router = Router(config.balancing, config.masters)
+        saved_strategy = self.store.flag("strategy")
+        if saved_strategy and saved_strategy != config.balancing.strategy:
+            self.router.set_strategy(saved_strategy)  # a run-time choice survives restarts
+            log.info("routing strategy %s restored from the store", saved_strategy)
+        self.failover: FailoverManager | None = None
         self.metrics = ExporterMetrics(FleetCollector(
             fleet=lambda: self.fleet,
-            weights=self._weights,
-            decisions=self._decisions,
+            weights=self.routing_weights,
+            decisions=lambda: self.router.decisions,
             checkpoint_ages=self._checkpoint_ages,
             recovery_timeout=lambda: self.config.failover.recovery_timeout,
         ))
-        self.metrics.config_reload_success.set(1)
-        self.metrics.config_reload_timestamp.set(self.started_at)
-        self.metrics.fleet_health_score.set_function(self.fleet_health_score)
+        m = self.metrics
+        m.config_reload_success.set(1)
+        m.config_reload_timestamp.set(self.started_at)
+        m.fleet_health_score.set_function(self.fleet_health_score)
+        m.load_distribution_quality.set_function(self.router.distribution_quality)
+        m.failover_in_progress.set_function(
+            lambda: self.failover.in_progress if self.failover else 0)
+        m.failover_paused.set_function(
+            lambda: 0 if self.failover is not None and self.failover.automatic else 1)
         self.session: aiohttp.ClientSession | None = None
         self.prober: Prober | None = None
         self.runner: web.AppRunner | None = None
         self.bound_port: int | None = None
         self._reload_lock = asyncio.Lock()
+        self._rebalance_task: asyncio.Task[None] | None = None
 
-    # --- metric sources (overridden as routing and failover are wired in) -------------
+    # --- what the API, status page and metrics read ----------------------------------------
     def fleet_health_score(self) -> float:
         return self.fleet.health_score()
 
-    def _weights(self) -> dict[str, float]:
-        return {}
+    def routing_weights(self) -> dict[str, float]:
+        return self.router.effective_weights()
 
-    def _decisions(self) -> dict[tuple[str, str], int]:
-        return {}
+    def strategy(self) -> str:
+        return self.router.strategy
+
+    def failover_mode(self) -> str:
+        fo = self.failover
+        if fo is None or not self.config.failover.enabled:
+            return "disabled"
+        if fo.paused:
+            return "paused"
+        return "dry run" if self.config.failover.dry_run else "automatic"
+
+    def recent_failovers(self, limit: int) -> list[dict]:
+        return self.store.list_failovers(limit=limit)
 
     def _checkpoint_ages(self, now: float) -> dict[str, float]:
-        return {}
+        return self.failover.checkpoint_ages(now) if self.failover else {}
 
     def route_modules(self) -> list[Callable[[web.Application], None]]:
-        """Extra route groups (status page, routing, failover) added to the web app."""
-        return []
+        return [statuspage.add_routes, api_routing.add_routes, api_failover.add_routes]
+
+    def sync_roles(self) -> None:
+        """Failover changes roles in the fleet records; routing follows them."""
+        for rt in self.fleet:
+            self.router.set_role(rt.name, rt.role)
+
+    def _on_routing_change(self, failed: str, backup: str | None) -> None:
+        self.sync_roles()
+        log.info("routing updated: duties of %s now with %s", failed, backup or "nobody",
+                 extra={"event": "routing_change", "master": failed, "backup": backup})
+
+    def _on_failover_result(self, master: str, result: str, duration: float | None) -> None:
+        self.metrics.failovers.labels(master, result).inc()
+        if duration is not None:
+            self.metrics.failover_duration.observe(duration)
+
+    def set_strategy(self, name: str, actor: str) -> None:
+        """Run-time strategy switch, persisted so a restart keeps it."""
+        old = self.router.strategy
+        self.router.set_strategy(name)
+        self.router.warm()
+        self.store.set_flag("strategy", name)
+        self.store.audit(actor, "strategy", None, {"from": old, "to": name})
+        log.info("routing strategy %s -> %s by %s", old, name, actor,
+                 extra={"event": "strategy", "from": old, "to": name})
+
+    def on_ejected(self, master: str) -> None:
+        self.store.audit("exporter", "ejected", master, {"reason": "consecutive failed reports"})
+        log.warning("master %s ejected from rotation after failed routed messages", master,
+                    extra={"event": "ejected", "master": master})
+
+    def rebalance(self) -> None:
+        """One evaluation of load imbalance; every weight shift is logged, audited, counted."""
+        for ev in self.router.evaluate_rebalance():
+            self.metrics.rebalances.labels(ev.reason).inc()
+            detail = {"old_factor": ev.old_factor, "new_factor": ev.new_factor,
+                      "ratio": ev.ratio}
+            self.store.audit("exporter", f"rebalance_{ev.reason}", ev.master, detail)
+            log.info("rebalance (%s): %s weight factor %.2f -> %.2f (imbalance ratio %.2f)",
+                     ev.reason, ev.master, ev.old_factor, ev.new_factor, ev.ratio,
+                     extra={"event": "rebalance", "master": ev.master, "reason": ev.reason})
+
+    async def _rebalance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.probe.interval)
+            try:
+                self.rebalance()
+            except Exception:
+                log.exception("rebalance evaluation failed")
 
     # --- probe results -----------------------------------------------------------------
     def on_probe(self, rt: MasterRuntime, outcome: Outcome) -> None:
@@ -92,6 +169,9 @@ class Service:
         transition = rt.health.observe(ok, outcome.degraded, reason, now)
         if not ok:
             log.debug("probe of %s failed: %s", rt.name, reason)
+        router = self.router
+        router.set_state(rt.name, rt.health.state)
+        router.set_load(rt.name, rt.queue_length)
         if transition is not None:
             self.bus.publish(transition)
 
@@ -109,8 +189,18 @@ class Service:
 
         self.session = new_session(self.config.probe)
         self.prober = Prober(self.fleet, self.config.probe, self.session, self.on_probe)
-        await self.start_components()
+        self.failover = FailoverManager(self.config, self.fleet, self.store, self.session,
+                                        on_routing_change=self._on_routing_change,
+                                        publish=self.publish)
+        self.failover.stats.listeners.append(self._on_failover_result)
+        self.bus.subscribe(self._on_transition)
+        self.bus.subscribe(self.failover.on_transition)
+        self.sync_roles()
+        await self.failover.start()  # completes or rolls back a failover a crash interrupted
+        self.sync_roles()
+        self.router.warm()
         self.prober.start()
+        self._rebalance_task = asyncio.create_task(self._rebalance_loop(), name="rebalance")
         self.runner = web.AppRunner(create_app(self), access_log=None, handle_signals=False,
                                     shutdown_timeout=2.0)
         await self.runner.setup()
@@ -123,23 +213,24 @@ class Service:
         log.info("ha-exporter listening on http://%s:%s with %d masters", host, self.bound_port,
                  len(self.fleet))
 
-    async def start_components(self) -> None:
-        """Hook for routing, store and failover (they need the session and the loop)."""
+    def _on_transition(self, t: Transition) -> None:
+        self.router.set_state(t.master, t.new)
 
     async def stop(self) -> None:
         """Clean shutdown: stop probing, finish or roll back failovers, flush, close."""
         if self.prober is not None:
             await self.prober.stop()
-        await self.stop_components()
+        if self._rebalance_task is not None:
+            self._rebalance_task.cancel()
+        if self.failover is not None:
+            await self.failover.shutdown(deadline=7.0)
         await self.bus.drain()
         if self.runner is not None:
             await self.runner.cleanup()
         if self.session is not None:
             await self.session.close()
+        self.store.close()
         log.info("ha-exporter stopped")
-
-    async def stop_components(self) -> None:
-        """Hook for failover/store shutdown."""
 
     # --- reload ------------------------------------------------------------------------
     async def reload(self) -> tuple[bool, list[str]]:
@@ -167,6 +258,12 @@ class Service:
             new.masters, new.probe, new.failover.max_recovery_attempts)
         if self.prober is not None:
             self.prober.update(new.probe)
+        if new.balancing.strategy != self.config.balancing.strategy:
+            self.store.set_flag("strategy", None)  # the file's new choice wins over the API's
         self.config = new
+        self.router.update_config(new.balancing, new.masters)
+        if self.failover is not None:
+            self.failover.update_config(new)
+        self.sync_roles()
         log.info("config reloaded: %d masters (added %s, removed %s, changed %s)",
                  len(self.fleet), added or "none", removed or "none", changed or "none")
