@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from exporter.config import Config, parse_config
+from exporter.config import Config, format_duration, parse_config, parse_duration
 from exporter.simmaster import SimulatedMaster, create_app
 
 log = logging.getLogger("exporter.demo")
@@ -38,7 +38,8 @@ def demo_config(port: int, master_port: int, interval: str, state_dir: Path) -> 
     return parse_config({
         "listen": {"host": "127.0.0.1", "port": port},
         "state_path": str(state_dir / "ha-exporter-demo.db"),
-        "probe": {"interval": interval, "timeout": "1s", "failure_threshold": 3,
+        "probe": {"interval": interval,
+                  "timeout": format_duration(min(1.0, parse_duration(interval) / 2)), "failure_threshold": 3,
                   "recovery_threshold": 2, "degraded_latency": "500ms", "jitter": "10%"},
         "masters": [
             {"name": n, "url": f"http://127.0.0.1:{master_port + i}", "priority": prio,
