@@ -53,18 +53,3 @@ async def serve_app(app: web.Application) -> AsyncIterator[str]:
     finally:
         await runner.cleanup()
 
-
-def require_binary(name: str) -> str:
-    """Path of a real component; under CI=true a missing one fails the test, never skips."""
-    import os
-    import shutil
-
-    import pytest
-
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} is not installed (the README's test command installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)

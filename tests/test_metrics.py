@@ -11,7 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.config import parse_config
 from exporter.metrics import OM_CONTENT_TYPE, escape, fmt
 from exporter.service import Service
-from tests.support import require_binary, serve_app, wait_for
+from tests.support import serve_app, wait_for
+from tests.tools import require_binary
 
 PER_MASTER = {
     "ha_master_up": {"master", "region", "role"},

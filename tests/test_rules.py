@@ -1,0 +1,328 @@
+"""Alert and recording rules: rendered from the config, checked and unit-tested by promtool, and
+routed by a real Alertmanager config (amtool, and inhibition on a running Alertmanager)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+from exporter.config import Config, load_config, load_config_text
+from exporter.rules import RUNBOOK_URL, render, render_texts
+from tests.support import free_port
+from tests.tools import ROOT, RULES_DIR, metric_names, require_binary, unknown_metrics
+
+EXAMPLE = ROOT / "examples" / "ha-exporter.yml"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+ALERTMANAGER_YML = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+ROUTES_TESTS = ROOT / "deploy" / "alertmanager" / "routes-tests.yml"
+PROMETHEUS_YML = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+RERENDER = "ha-exporter render --config examples/ha-exporter.yml --out alert_rules"
+
+#: Alerts about the fleet or the exporter as a whole; every other alert is about one master.
+FLEET_ALERTS = {
+    "HANoHealthyBackup", "HANoMasterAvailable", "HAFailoverStuck", "HALoadImbalance",
+    "HAExporterDown", "HAExporterAbsent", "HAConfigReloadFailed",
+}
+
+#: A config far from the defaults, to prove that the thresholds reach the rules and their tests.
+OTHER_CONFIG = """
+probe: {interval: 2s, timeout: 1s, failure_threshold: 4, recovery_threshold: 2}
+masters:
+  - {name: m1, url: "http://127.0.0.1:9301", role: active}
+  - {name: m2, url: "http://127.0.0.1:9302", role: standby}
+balancing: {rebalance: {imbalance_ratio: 4, for: 1m}}
+failover: {recovery_timeout: 45s, deadline: 20s, max_recovery_attempts: 3}
+thresholds: {queue_warning: 250, queue_critical: 900, probe_latency_warning: 300ms,
+             slo_availability: 99.5%}
+"""
+
+
+@pytest.fixture(scope="module")
+def example() -> Config:
+    return load_config(EXAMPLE)
+
+
+@pytest.fixture(scope="module")
+def other() -> Config:
+    return load_config_text(OTHER_CONFIG)
+
+
+def _rules(path: Path) -> list[dict]:
+    return [r for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]]
+
+
+def _alerts() -> list[dict]:
+    return [r for r in _rules(RULES_DIR / "alerts.yml") if "alert" in r]
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+# --- single source of truth -------------------------------------------------------------------
+
+def test_checked_in_rules_are_the_render_of_the_example_config(example: Config) -> None:
+    rendered = render_texts(example)
+    on_disk = {
+        p.relative_to(RULES_DIR).as_posix(): p.read_text(encoding="utf-8")
+        for p in RULES_DIR.rglob("*.yml")
+    }
+    assert sorted(on_disk) == sorted(rendered), f"alert_rules/ has other files; run: {RERENDER}"
+    for name, text in rendered.items():
+        assert on_disk[name] == text, f"alert_rules/{name} drifted; run: {RERENDER}"
+
+
+def test_render_writes_every_file_it_returns(tmp_path: Path, example: Config) -> None:
+    paths = render(example, tmp_path / "out")
+    assert {p.relative_to(tmp_path / "out").as_posix() for p in paths} == set(render_texts(example))
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+
+
+def test_cli_render_writes_the_same_files(tmp_path: Path, example: Config) -> None:
+    from exporter.cli import main
+
+    assert main(["render", "--config", str(EXAMPLE), "--out", str(tmp_path)]) == 0
+    for name, text in render_texts(example).items():
+        assert (tmp_path / name).read_text(encoding="utf-8") == text
+
+
+def test_thresholds_from_the_config_reach_the_rules(example: Config, other: Config) -> None:
+    default, changed = render_texts(example)["alerts.yml"], render_texts(other)["alerts.yml"]
+    assert default != changed
+    assert "ha_master_queue_length{job=\"ha-exporter\"} > 250" in changed
+    assert "ha_master_queue_length{job=\"ha-exporter\"} > 900" in changed
+    assert ") > 0.3\n" in changed  # probe_latency_warning 300ms
+    assert "(14.4 * 0.005)" in changed  # slo 99.5%
+    assert "ha_load_distribution_quality{job=\"ha-exporter\"} < 25" in changed  # ratio 4
+    down = next(r for r in yaml.safe_load(changed)["groups"][0]["rules"]
+                if r["alert"] == "HAMasterDown")
+    assert down["for"] == "8s"  # 4 failures x 2s
+    recording = render_texts(other)["recording_rules.yml"]
+    assert "vector(0.995)" in recording and "vector(0.005)" in recording
+
+
+# --- conventions ------------------------------------------------------------------------------
+
+def test_alerts_follow_the_mixin_conventions() -> None:
+    alerts = _alerts()
+    assert alerts
+    for rule in alerts:
+        name = rule["alert"]
+        assert re.fullmatch(r"HA(?:[A-Z][a-z0-9]*)+", name), f"{name}: CamelCase with prefix HA"
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
+        ann = rule["annotations"]
+        assert set(ann) == {"summary", "description", "runbook_url"}, name
+        assert "{{ $labels." in ann["summary"] + ann["description"], f"{name}: templated"
+        assert ann["runbook_url"] == f"{RUNBOOK_URL}#{name.lower()}", name
+        if name not in FLEET_ALERTS:
+            assert "$labels.master" in ann["summary"], f"{name}: per-master alert names it"
+
+
+def test_required_alerts_exist_with_the_intended_severity() -> None:
+    severities: dict[str, set[str]] = {}
+    for rule in _alerts():
+        severities.setdefault(rule["alert"], set()).add(rule["labels"]["severity"])
+    assert severities == {
+        "HAMasterDown": {"critical"},
+        "HAMasterDegraded": {"warning"},
+        "HAMasterRecoveryTimeout": {"critical"},
+        "HAMasterProbeLatencyHigh": {"warning"},
+        "HAMasterQueueBacklog": {"warning", "critical"},
+        "HANoHealthyBackup": {"warning"},
+        "HANoMasterAvailable": {"critical"},
+        "HAFailoverExecuted": {"info"},
+        "HAFailoverFailed": {"critical"},
+        "HAFailoverStuck": {"critical"},
+        "HALoadImbalance": {"warning"},
+        "HAExporterDown": {"critical"},
+        "HAExporterAbsent": {"critical"},
+        "HAConfigReloadFailed": {"warning"},
+        "HAMasterErrorBudgetBurn": {"critical", "warning"},
+    }
+
+
+def test_burn_rate_alerts_use_the_workbook_windows() -> None:
+    burns = {(r["labels"]["long"], r["labels"]["short"]): r for r in _alerts()
+             if r["alert"] == "HAMasterErrorBudgetBurn"}
+    expected = {("1h", "5m"): ("14.4", "critical"), ("6h", "30m"): ("6", "critical"),
+                ("1d", "2h"): ("3", "warning"), ("3d", "6h"): ("1", "warning")}
+    assert set(burns) == set(expected)
+    for (long, short), (factor, severity) in expected.items():
+        rule = burns[(long, short)]
+        assert rule["labels"]["severity"] == severity
+        assert f"ratio_rate{long}{{" in rule["expr"] and f"ratio_rate{short}{{" in rule["expr"]
+        assert rule["expr"].count(f"> ({factor} * 0.001)") == 2
+
+
+def test_recording_rules_are_named_level_metric_operations() -> None:
+    records = [r["record"] for r in _rules(RULES_DIR / "recording_rules.yml")]
+    for window in ("5m", "30m", "1h", "2h", "6h", "1d", "3d"):
+        assert f"master:ha_probe_errors:ratio_rate{window}" in records
+    for name in records:
+        assert re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", name), name
+
+
+def test_rules_use_only_exposed_metrics() -> None:
+    names: set[str] = set()
+    for path in RULES_DIR.glob("*.yml"):
+        for rule in _rules(path):
+            names |= metric_names(rule["expr"])
+    assert not unknown_metrics(names)
+
+
+def _github_anchor(heading: str) -> str:
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    anchors = {_github_anchor(line.lstrip("#")) for line in RUNBOOK.read_text().splitlines()
+               if line.startswith("## ")}
+    for rule in _alerts():
+        assert rule["annotations"]["runbook_url"].split("#", 1)[1] in anchors, rule["alert"]
+
+
+def test_every_alert_and_recording_rule_has_unit_tests() -> None:
+    fires, silent, exprs = set(), set(), ""
+    for path in (RULES_DIR / "tests").glob("*.yml"):
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (fires if check.get("exp_alerts") else silent).add(check["alertname"])
+            exprs += " ".join(c["expr"] for c in case.get("promql_expr_test", []))
+    names = {r["alert"] for r in _alerts()}
+    assert names <= fires, f"never tested firing: {names - fires}"
+    assert names <= silent, f"never tested silent: {names - silent}"
+    for record in (r["record"] for r in _rules(RULES_DIR / "recording_rules.yml")):
+        assert re.search(rf"\b{re.escape(record)}\b", exprs), f"{record} has no promql_expr_test"
+
+
+# --- promtool ---------------------------------------------------------------------------------
+
+def _promtool_check_and_test(directory: Path) -> None:
+    promtool = require_binary("promtool")
+    rules = sorted(str(p) for p in directory.glob("*.yml"))
+    tests = sorted(str(p) for p in (directory / "tests").glob("*.yml"))
+    assert rules and tests
+    checked = _run(promtool, "check", "rules", *rules)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = _run(promtool, "test", "rules", *tests)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_promtool_checks_and_tests_the_checked_in_rules() -> None:
+    _promtool_check_and_test(RULES_DIR)
+
+
+def test_promtool_checks_and_tests_a_render_of_another_config(tmp_path: Path,
+                                                              other: Config) -> None:
+    render(other, tmp_path)
+    _promtool_check_and_test(tmp_path)
+
+
+def test_promtool_accepts_the_prometheus_config() -> None:
+    promtool = require_binary("promtool")
+    checked = _run(promtool, "check", "config", str(PROMETHEUS_YML))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "2 rule files found" in checked.stdout
+
+
+# --- Alertmanager -----------------------------------------------------------------------------
+
+def test_amtool_accepts_the_alertmanager_config() -> None:
+    amtool = require_binary("amtool")
+    checked = _run(amtool, "check-config", str(ALERTMANAGER_YML))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_alertmanager_routes_by_alertname_and_master() -> None:
+    route = yaml.safe_load(ALERTMANAGER_YML.read_text())["route"]
+    assert route["group_by"] == ["alertname", "master"]
+    receivers = yaml.safe_load(ALERTMANAGER_YML.read_text())["receivers"]
+    for receiver in receivers:
+        for hook in receiver["webhook_configs"]:
+            assert hook["send_resolved"] is True, receiver["name"]
+
+
+ROUTE_CASES = yaml.safe_load(ROUTES_TESTS.read_text())
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=[c["name"] for c in ROUTE_CASES])
+def test_amtool_routes(case: dict) -> None:
+    amtool = require_binary("amtool")
+    labels = [f"{k}={v}" for k, v in case["labels"].items()]
+    result = _run(amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_YML}",
+                  f"--verify.receivers={','.join(case['receivers'])}", *labels)
+    assert result.returncode == 0, f"{case['name']}: {result.stdout}{result.stderr}"
+
+
+def _http_json(url: str, body: object = None) -> object:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def test_critical_inhibits_warning_for_the_same_master_on_a_real_alertmanager(
+        tmp_path: Path) -> None:
+    binary = require_binary("alertmanager", "prometheus-alertmanager")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [binary, f"--config.file={ALERTMANAGER_YML}", f"--storage.path={tmp_path}",
+         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/-/ready", timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline, "alertmanager did not become ready"
+                time.sleep(0.1)
+        now = datetime.now(UTC).isoformat()
+        sent = [
+            {"alertname": "HAMasterDown", "severity": "critical", "master": "master-a"},
+            {"alertname": "HAMasterDegraded", "severity": "warning", "master": "master-a"},
+            {"alertname": "HAMasterDegraded", "severity": "warning", "master": "master-b"},
+            {"alertname": "HAMasterErrorBudgetBurn", "severity": "critical", "master": "master-a",
+             "long": "1h", "short": "5m"},
+            {"alertname": "HAExporterDown", "severity": "critical", "instance": "x:9108"},
+            {"alertname": "HANoHealthyBackup", "severity": "warning", "instance": "x:9108"},
+        ]
+        _http_json(f"{base}/api/v2/alerts", [{"labels": s, "startsAt": now} for s in sent])
+        deadline = time.monotonic() + 10
+        while True:
+            got = _http_json(f"{base}/api/v2/alerts")
+            assert isinstance(got, list)
+            if len(got) == len(sent):
+                break
+            assert time.monotonic() < deadline, f"alertmanager holds {len(got)} alerts"
+            time.sleep(0.1)
+        state = {(a["labels"]["alertname"], a["labels"].get("master")): a["status"]["state"]
+                 for a in got}
+        assert state == {
+            ("HAMasterDown", "master-a"): "active",
+            ("HAMasterDegraded", "master-a"): "suppressed",  # critical on the same master
+            ("HAMasterDegraded", "master-b"): "active",  # another master: not inhibited
+            ("HAMasterErrorBudgetBurn", "master-a"): "suppressed",  # the down page says it
+            ("HAExporterDown", None): "active",
+            ("HANoHealthyBackup", None): "active",  # no master label: nothing to match
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
