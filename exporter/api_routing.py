@@ -36,8 +36,12 @@ async def report(request: web.Request) -> web.Response:
         raise ApiError(400, "'master' must be a master name")
     if not isinstance(ok, bool):
         raise ApiError(400, "'ok' must be true or false")
-    if isinstance(latency, bool) or not isinstance(latency, int | float) or latency < 0 \
-            or not math.isfinite(latency):
+    if (
+        isinstance(latency, bool)
+        or not isinstance(latency, int | float)
+        or latency < 0
+        or not math.isfinite(latency)
+    ):
         raise ApiError(400, "'latency_seconds' must be a non-negative number")
     svc = service_of(request)
     try:
@@ -63,13 +67,15 @@ async def set_strategy(request: web.Request) -> web.Response:
 async def balancing(request: web.Request) -> web.Response:
     svc = service_of(request)
     r = svc.router
-    return json_response({
-        "strategy": r.strategy,
-        "panic": r.panic,
-        "distribution_quality": r.distribution_quality(),
-        "weights": r.effective_weights(),
-        "masters": {rt.name: r.master_info(rt.name) for rt in svc.fleet},
-    })
+    return json_response(
+        {
+            "strategy": r.strategy,
+            "panic": r.panic,
+            "distribution_quality": r.distribution_quality(),
+            "weights": r.effective_weights(),
+            "masters": {rt.name: r.master_info(rt.name) for rt in svc.fleet},
+        }
+    )
 
 
 def add_routes(app: web.Application) -> None:

@@ -26,8 +26,9 @@ def _print_errors(path: str, errors: list[str]) -> None:
         print(f"  {err}", file=sys.stderr)
 
 
-async def serve_until_signalled(service: object, host: str | None = None,
-                                port: int | None = None) -> None:
+async def serve_until_signalled(
+    service: object, host: str | None = None, port: int | None = None
+) -> None:
     """Run a Service until SIGTERM/SIGINT; SIGHUP reloads its config."""
     from exporter.service import Service
 
@@ -59,9 +60,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     if token is None and not args.insecure_no_auth:
         source = f"${cfg.api.token_env}" if cfg.api.token_env else "api.token_file"
-        print(f"refusing to start: mutating endpoints need a bearer token and {source} is empty; "
-              "set it, or start with --insecure-no-auth to run without authentication",
-              file=sys.stderr)
+        print(
+            f"refusing to start: mutating endpoints need a bearer token and {source} is empty; "
+            "set it, or start with --insecure-no-auth to run without authentication",
+            file=sys.stderr,
+        )
         return 2
     if token is None:
         log.warning("running with --insecure-no-auth: mutating endpoints accept any caller")
@@ -119,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True)
     run.add_argument("--host", help="override listen.host")
     run.add_argument("--port", type=int, help="override listen.port")
-    run.add_argument("--insecure-no-auth", action="store_true",
-                     help="allow mutating endpoints without a bearer token (logged at start)")
+    run.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow mutating endpoints without a bearer token (logged at start)",
+    )
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="simulated fleet plus exporter in one command")
@@ -129,8 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--chaos", action="store_true", help="fail and heal masters on a schedule")
     demo.add_argument("--chaos-every", type=float, default=40.0, metavar="SECONDS")
     demo.add_argument("--interval", default="2s", help="probe interval")
-    demo.add_argument("--duration", type=float, default=0.0,
-                      help="stop by itself after this many seconds (0: until Ctrl-C)")
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="stop by itself after this many seconds (0: until Ctrl-C)",
+    )
     demo.add_argument("--state-dir", default=None, help="where the demo keeps its SQLite state")
     demo.set_defaults(func=cmd_demo)
 

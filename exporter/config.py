@@ -225,7 +225,8 @@ class Config(_Strict):
         for i, m in enumerate(self.masters):
             if m.name in seen:
                 raise _KeyedError(
-                    f"masters[{i}].name", f"duplicate master name {m.name!r} (first at masters[{seen[m.name]}])"
+                    f"masters[{i}].name",
+                    f"duplicate master name {m.name!r} (first at masters[{seen[m.name]}])",
                 )
             seen[m.name] = i
         return self
@@ -257,7 +258,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate mapping keys instead of keeping the last."""
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _construct_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict:
     mapping: dict = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
@@ -328,7 +331,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def load_config_text(text: str) -> Config:
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
@@ -343,7 +346,9 @@ def read_token(api: ApiConfig) -> str | None:
         try:
             token = Path(api.token_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError([f"api.token_file: cannot read {api.token_file}: {exc.strerror}"]) from None
+            raise ConfigError(
+                [f"api.token_file: cannot read {api.token_file}: {exc.strerror}"]
+            ) from None
         return token or None
     if api.token_env:
         return os.environ.get(api.token_env) or None
@@ -357,5 +362,6 @@ def summary(cfg: Config) -> str:
         f"config ok: {len(cfg.masters)} masters ({standby} standby) in {len(regions)} regions "
         f"[{', '.join(regions)}], probe every {format_duration(cfg.probe.interval)} "
         f"(timeout {format_duration(cfg.probe.timeout)}), strategy {cfg.balancing.strategy}, "
-        f"failover {'on' if cfg.failover.enabled else 'off'}{' (dry run)' if cfg.failover.dry_run else ''}"
+        f"failover {'on' if cfg.failover.enabled else 'off'}"
+        f"{' (dry run)' if cfg.failover.dry_run else ''}"
     )

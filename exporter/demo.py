@@ -35,25 +35,45 @@ DEMO_FLEET = (
 
 def demo_config(port: int, master_port: int, interval: str, state_dir: Path) -> Config:
     """The embedded default config: the contract's example fleet on loopback."""
-    return parse_config({
-        "listen": {"host": "127.0.0.1", "port": port},
-        "state_path": str(state_dir / "ha-exporter-demo.db"),
-        "probe": {"interval": interval,
-                  "timeout": format_duration(min(1.0, parse_duration(interval) / 2)), "failure_threshold": 3,
-                  "recovery_threshold": 2, "degraded_latency": "500ms", "jitter": "10%"},
-        "masters": [
-            {"name": n, "url": f"http://127.0.0.1:{master_port + i}", "priority": prio,
-             "region": region, "role": role}
-            for i, (n, region, role, prio) in enumerate(DEMO_FLEET)
-        ],
-        "balancing": {"strategy": "round_robin", "panic_threshold": "50%",
-                      "rebalance": {"imbalance_ratio": 2.0, "for": "30s"}},
-        "failover": {"enabled": True, "cooldown": "60s", "checkpoint_interval": "5s",
-                     "recovery_timeout": "30s", "max_recovery_attempts": 5,
-                     "failback": "manual"},
-        "thresholds": {"queue_warning": 100, "queue_critical": 500},
-        "api": {"token_env": None},
-    })
+    return parse_config(
+        {
+            "listen": {"host": "127.0.0.1", "port": port},
+            "state_path": str(state_dir / "ha-exporter-demo.db"),
+            "probe": {
+                "interval": interval,
+                "timeout": format_duration(min(1.0, parse_duration(interval) / 2)),
+                "failure_threshold": 3,
+                "recovery_threshold": 2,
+                "degraded_latency": "500ms",
+                "jitter": "10%",
+            },
+            "masters": [
+                {
+                    "name": n,
+                    "url": f"http://127.0.0.1:{master_port + i}",
+                    "priority": prio,
+                    "region": region,
+                    "role": role,
+                }
+                for i, (n, region, role, prio) in enumerate(DEMO_FLEET)
+            ],
+            "balancing": {
+                "strategy": "round_robin",
+                "panic_threshold": "50%",
+                "rebalance": {"imbalance_ratio": 2.0, "for": "30s"},
+            },
+            "failover": {
+                "enabled": True,
+                "cooldown": "60s",
+                "checkpoint_interval": "5s",
+                "recovery_timeout": "30s",
+                "max_recovery_attempts": 5,
+                "failback": "manual",
+            },
+            "thresholds": {"queue_warning": 100, "queue_critical": 500},
+            "api": {"token_env": None},
+        }
+    )
 
 
 async def _start_master(name: str, region: str, role: str, port: int) -> web.AppRunner:
@@ -63,8 +83,9 @@ async def _start_master(name: str, region: str, role: str, port: int) -> web.App
     return runner
 
 
-async def _chaos(session: aiohttp.ClientSession, cfg: Config, every: float,
-                 stop: asyncio.Event) -> None:
+async def _chaos(
+    session: aiohttp.ClientSession, cfg: Config, every: float, stop: asyncio.Event
+) -> None:
     """Take one currently active master down, wait, heal it; repeat until stopped."""
     rng = random.Random()
     while not stop.is_set():
@@ -96,8 +117,10 @@ async def run_demo(args: argparse.Namespace) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(args.port, args.master_port, args.interval, state_dir)
     token = secrets.token_urlsafe(18)
-    runners = [await _start_master(m.name, m.region, m.role, args.master_port + i)
-               for i, m in enumerate(cfg.masters)]
+    runners = [
+        await _start_master(m.name, m.region, m.role, args.master_port + i)
+        for i, m in enumerate(cfg.masters)
+    ]
     service = Service(cfg, token=token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,7 +128,8 @@ async def run_demo(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await service.start()
     base = f"http://127.0.0.1:{service.bound_port}"
-    print(f"""
+    print(
+        f"""
 ha-exporter demo: {len(cfg.masters)} simulated masters, exporter on {base}
   status page   {base}/
   metrics       {base}/metrics
@@ -119,7 +143,9 @@ ha-exporter demo: {len(cfg.masters)} simulated masters, exporter on {base}
   state         {cfg.state_path}
   chaos         {"on: a master fails every " + f"{args.chaos_every:g}s" if args.chaos else "off"}
 Ctrl-C stops everything.
-""", flush=True)
+""",
+        flush=True,
+    )
     tasks = []
     async with aiohttp.ClientSession() as session:
         if args.chaos:

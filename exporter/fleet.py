@@ -13,8 +13,20 @@ from exporter.config import MasterConfig, ProbeConfig
 from exporter.health import RESULTS, HealthMachine, State
 
 # Probe latency buckets (seconds): loopback to a 2 s timeout; shared by metrics and rules.
-PROBE_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                                    2.5, 5.0)
+PROBE_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
 
 
 class MasterRuntime:
@@ -39,7 +51,9 @@ class MasterRuntime:
         "up",
     )
 
-    def __init__(self, config: MasterConfig, probe: ProbeConfig, max_recovery_attempts: int) -> None:
+    def __init__(
+        self, config: MasterConfig, probe: ProbeConfig, max_recovery_attempts: int
+    ) -> None:
         self.config = config
         self.role = config.role
         self.health = HealthMachine(
@@ -109,13 +123,15 @@ class MasterRuntime:
 class Fleet:
     """Ordered registry of MasterRuntime; reload keeps the runtime of unchanged names."""
 
-    def __init__(self, masters: Sequence[MasterConfig], probe: ProbeConfig,
-                 max_recovery_attempts: int) -> None:
+    def __init__(
+        self, masters: Sequence[MasterConfig], probe: ProbeConfig, max_recovery_attempts: int
+    ) -> None:
         self._by_name: dict[str, MasterRuntime] = {}
         self.update(masters, probe, max_recovery_attempts)
 
-    def update(self, masters: Sequence[MasterConfig], probe: ProbeConfig,
-               max_recovery_attempts: int) -> tuple[list[str], list[str], list[str]]:
+    def update(
+        self, masters: Sequence[MasterConfig], probe: ProbeConfig, max_recovery_attempts: int
+    ) -> tuple[list[str], list[str], list[str]]:
         """Apply a (re)loaded master list; returns (added, removed, changed) names."""
         old = self._by_name
         new: dict[str, MasterRuntime] = {}

@@ -181,8 +181,13 @@ class EventBus:
             event.old,
             event.new,
             event.reason,
-            extra={"master": event.master, "from": str(event.old), "to": str(event.new),
-                   "reason": event.reason, "event": "transition"},
+            extra={
+                "master": event.master,
+                "from": str(event.old),
+                "to": str(event.new),
+                "reason": event.reason,
+                "event": "transition",
+            },
         )
         for fn in self._subscribers:
             try:

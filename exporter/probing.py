@@ -56,8 +56,9 @@ def classify(status: int, body: bytes, latency: float, degraded_latency: float) 
         return Outcome(Result.INVALID_RESPONSE, latency, detail="JSON body is not an object")
     state = payload.get("status")
     if state == "down":
-        return Outcome(Result.UNHEALTHY, latency, detail="master reports status down",
-                       payload=payload)
+        return Outcome(
+            Result.UNHEALTHY, latency, detail="master reports status down", payload=payload
+        )
     if state not in _STATUSES:
         return Outcome(Result.INVALID_RESPONSE, latency, detail=f"unknown status {state!r}")
     for field in _NUMERIC_FIELDS:
@@ -71,11 +72,15 @@ def classify(status: int, body: bytes, latency: float, degraded_latency: float) 
 
 def new_session(probe: ProbeConfig) -> aiohttp.ClientSession:
     """One pooled session for probes and protocol calls: keep-alive, bounded connections."""
-    connector = aiohttp.TCPConnector(limit=probe.max_connections, limit_per_host=0,
-                                     ttl_dns_cache=300, keepalive_timeout=30)
-    return aiohttp.ClientSession(connector=connector, raise_for_status=False,
-                                 skip_auto_headers=("User-Agent",),
-                                 headers={"User-Agent": "ha-exporter"})
+    connector = aiohttp.TCPConnector(
+        limit=probe.max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        raise_for_status=False,
+        skip_auto_headers=("User-Agent",),
+        headers={"User-Agent": "ha-exporter"},
+    )
 
 
 async def probe_once(session: aiohttp.ClientSession, url: str, probe: ProbeConfig) -> Outcome:
@@ -87,14 +92,21 @@ async def probe_once(session: aiohttp.ClientSession, url: str, probe: ProbeConfi
                 body = await resp.read()
                 status = resp.status
     except TimeoutError:
-        return Outcome(Result.TIMEOUT, time.perf_counter() - start,
-                       detail=f"no answer within {probe.timeout:g}s")
+        return Outcome(
+            Result.TIMEOUT,
+            time.perf_counter() - start,
+            detail=f"no answer within {probe.timeout:g}s",
+        )
     except aiohttp.ClientConnectorError as exc:
-        return Outcome(Result.CONNECT_ERROR, time.perf_counter() - start,
-                       detail=f"connect failed: {exc.os_error.strerror or exc.os_error}")
+        return Outcome(
+            Result.CONNECT_ERROR,
+            time.perf_counter() - start,
+            detail=f"connect failed: {exc.os_error.strerror or exc.os_error}",
+        )
     except (aiohttp.ClientError, OSError) as exc:
-        return Outcome(Result.CONNECT_ERROR, time.perf_counter() - start,
-                       detail=f"{type(exc).__name__}: {exc}")
+        return Outcome(
+            Result.CONNECT_ERROR, time.perf_counter() - start, detail=f"{type(exc).__name__}: {exc}"
+        )
     return classify(status, body, time.perf_counter() - start, probe.degraded_latency)
 
 
@@ -109,8 +121,14 @@ ResultHandler = Callable[[MasterRuntime, Outcome], None]
 class Prober:
     """Runs probe rounds for a Fleet and hands each Outcome to ``on_result``."""
 
-    def __init__(self, fleet: Fleet, probe: ProbeConfig, session: aiohttp.ClientSession,
-                 on_result: ResultHandler, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        probe: ProbeConfig,
+        session: aiohttp.ClientSession,
+        on_result: ResultHandler,
+        rng: random.Random | None = None,
+    ) -> None:
         self.fleet = fleet
         self.probe = probe
         self.session = session
@@ -131,9 +149,16 @@ class Prober:
         assert self._scheduler is not None
         trigger = IntervalTrigger(seconds=self.probe.interval)
         kwargs = {"next_run_time": datetime.now(UTC)} if first else {}
-        self._scheduler.add_job(self.run_round, trigger, id="probe-round", replace_existing=True,
-                                max_instances=1, coalesce=True,
-                                misfire_grace_time=max(1, int(self.probe.interval)), **kwargs)
+        self._scheduler.add_job(
+            self.run_round,
+            trigger,
+            id="probe-round",
+            replace_existing=True,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=max(1, int(self.probe.interval)),
+            **kwargs,
+        )
 
     def update(self, probe: ProbeConfig) -> None:
         """Apply new probe settings; the round job is rescheduled only if the interval moved."""
@@ -169,8 +194,9 @@ class Prober:
                 task.add_done_callback(finished)
 
         self._handles = [
-            loop.call_later(phase(rt.name) * spread + self._rng.random() * interval * jitter,
-                            start, rt)
+            loop.call_later(
+                phase(rt.name) * spread + self._rng.random() * interval * jitter, start, rt
+            )
             for rt in masters
         ]
 

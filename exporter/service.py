@@ -32,8 +32,13 @@ _RESULT_INDEX = {r: i for i, r in enumerate(RESULTS)}
 class Service:
     """Owns the components for the lifetime of one exporter process."""
 
-    def __init__(self, config: Config, config_path: str | Path | None = None,
-                 token: str | None = None, insecure_no_auth: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | Path | None = None,
+        token: str | None = None,
+        insecure_no_auth: bool = False,
+    ) -> None:
         self.config = config
         self.config_path = Path(config_path) if config_path else None
         self.token = token
@@ -48,22 +53,26 @@ class Service:
             self.router.set_strategy(saved_strategy)  # a run-time choice survives restarts
             log.info("routing strategy %s restored from the store", saved_strategy)
         self.failover: FailoverManager | None = None
-        self.metrics = ExporterMetrics(FleetCollector(
-            fleet=lambda: self.fleet,
-            weights=self.routing_weights,
-            decisions=lambda: self.router.decisions,
-            checkpoint_ages=self._checkpoint_ages,
-            recovery_timeout=lambda: self.config.failover.recovery_timeout,
-        ))
+        self.metrics = ExporterMetrics(
+            FleetCollector(
+                fleet=lambda: self.fleet,
+                weights=self.routing_weights,
+                decisions=lambda: self.router.decisions,
+                checkpoint_ages=self._checkpoint_ages,
+                recovery_timeout=lambda: self.config.failover.recovery_timeout,
+            )
+        )
         m = self.metrics
         m.config_reload_success.set(1)
         m.config_reload_timestamp.set(self.started_at)
         m.fleet_health_score.set_function(self.fleet_health_score)
         m.load_distribution_quality.set_function(self.router.distribution_quality)
         m.failover_in_progress.set_function(
-            lambda: self.failover.in_progress if self.failover else 0)
+            lambda: self.failover.in_progress if self.failover else 0
+        )
         m.failover_paused.set_function(
-            lambda: 0 if self.failover is not None and self.failover.automatic else 1)
+            lambda: 0 if self.failover is not None and self.failover.automatic else 1
+        )
         self.session: aiohttp.ClientSession | None = None
         self.prober: Prober | None = None
         self.runner: web.AppRunner | None = None
@@ -105,8 +114,12 @@ class Service:
 
     def _on_routing_change(self, failed: str, backup: str | None) -> None:
         self.sync_roles()
-        log.info("routing updated: duties of %s now with %s", failed, backup or "nobody",
-                 extra={"event": "routing_change", "master": failed, "backup": backup})
+        log.info(
+            "routing updated: duties of %s now with %s",
+            failed,
+            backup or "nobody",
+            extra={"event": "routing_change", "master": failed, "backup": backup},
+        )
 
     def _on_failover_result(self, master: str, result: str, duration: float | None) -> None:
         self.metrics.failovers.labels(master, result).inc()
@@ -120,24 +133,37 @@ class Service:
         self.router.warm()
         self.store.set_flag("strategy", name)
         self.store.audit(actor, "strategy", None, {"from": old, "to": name})
-        log.info("routing strategy %s -> %s by %s", old, name, actor,
-                 extra={"event": "strategy", "from": old, "to": name})
+        log.info(
+            "routing strategy %s -> %s by %s",
+            old,
+            name,
+            actor,
+            extra={"event": "strategy", "from": old, "to": name},
+        )
 
     def on_ejected(self, master: str) -> None:
         self.store.audit("exporter", "ejected", master, {"reason": "consecutive failed reports"})
-        log.warning("master %s ejected from rotation after failed routed messages", master,
-                    extra={"event": "ejected", "master": master})
+        log.warning(
+            "master %s ejected from rotation after failed routed messages",
+            master,
+            extra={"event": "ejected", "master": master},
+        )
 
     def rebalance(self) -> None:
         """One evaluation of load imbalance; every weight shift is logged, audited, counted."""
         for ev in self.router.evaluate_rebalance():
             self.metrics.rebalances.labels(ev.reason).inc()
-            detail = {"old_factor": ev.old_factor, "new_factor": ev.new_factor,
-                      "ratio": ev.ratio}
+            detail = {"old_factor": ev.old_factor, "new_factor": ev.new_factor, "ratio": ev.ratio}
             self.store.audit("exporter", f"rebalance_{ev.reason}", ev.master, detail)
-            log.info("rebalance (%s): %s weight factor %.2f -> %.2f (imbalance ratio %.2f)",
-                     ev.reason, ev.master, ev.old_factor, ev.new_factor, ev.ratio,
-                     extra={"event": "rebalance", "master": ev.master, "reason": ev.reason})
+            log.info(
+                "rebalance (%s): %s weight factor %.2f -> %.2f (imbalance ratio %.2f)",
+                ev.reason,
+                ev.master,
+                ev.old_factor,
+                ev.new_factor,
+                ev.ratio,
+                extra={"event": "rebalance", "master": ev.master, "reason": ev.reason},
+            )
 
     async def _rebalance_loop(self) -> None:
         while True:
@@ -189,9 +215,14 @@ class Service:
 
         self.session = new_session(self.config.probe)
         self.prober = Prober(self.fleet, self.config.probe, self.session, self.on_probe)
-        self.failover = FailoverManager(self.config, self.fleet, self.store, self.session,
-                                        on_routing_change=self._on_routing_change,
-                                        publish=self.publish)
+        self.failover = FailoverManager(
+            self.config,
+            self.fleet,
+            self.store,
+            self.session,
+            on_routing_change=self._on_routing_change,
+            publish=self.publish,
+        )
         self.failover.stats.listeners.append(self._on_failover_result)
         self.bus.subscribe(self._on_transition)
         self.bus.subscribe(self.failover.on_transition)
@@ -201,17 +232,22 @@ class Service:
         self.router.warm()
         self.prober.start()
         self._rebalance_task = asyncio.create_task(self._rebalance_loop(), name="rebalance")
-        self.runner = web.AppRunner(create_app(self), access_log=None, handle_signals=False,
-                                    shutdown_timeout=2.0)
+        self.runner = web.AppRunner(
+            create_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
         await self.runner.setup()
         host = host or self.config.listen.host
         site = web.TCPSite(self.runner, host, self.config.listen.port if port is None else port)
         await site.start()
-        server = site._server  # noqa: SLF001 - the only way to learn an ephemeral port
+        server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.bound_port = sockets[0].getsockname()[1] if sockets else port
-        log.info("ha-exporter listening on http://%s:%s with %d masters", host, self.bound_port,
-                 len(self.fleet))
+        log.info(
+            "ha-exporter listening on http://%s:%s with %d masters",
+            host,
+            self.bound_port,
+            len(self.fleet),
+        )
 
     def _on_transition(self, t: Transition) -> None:
         self.router.set_state(t.master, t.new)
@@ -255,7 +291,8 @@ class Service:
 
     def apply_config(self, new: Config) -> None:
         added, removed, changed = self.fleet.update(
-            new.masters, new.probe, new.failover.max_recovery_attempts)
+            new.masters, new.probe, new.failover.max_recovery_attempts
+        )
         if self.prober is not None:
             self.prober.update(new.probe)
         if new.balancing.strategy != self.config.balancing.strategy:
@@ -265,5 +302,10 @@ class Service:
         if self.failover is not None:
             self.failover.update_config(new)
         self.sync_roles()
-        log.info("config reloaded: %d masters (added %s, removed %s, changed %s)",
-                 len(self.fleet), added or "none", removed or "none", changed or "none")
+        log.info(
+            "config reloaded: %d masters (added %s, removed %s, changed %s)",
+            len(self.fleet),
+            added or "none",
+            removed or "none",
+            changed or "none",
+        )

@@ -40,9 +40,15 @@ def _error(status: int, message: str) -> web.Response:
 class SimulatedMaster:
     """State and behaviour of one master; the only background work is the queue drain."""
 
-    def __init__(self, name: str, region: str = "default", role: str = "active",
-                 drain_rate: float = 50.0, degraded_queue: int = 1000,
-                 seed: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        region: str = "default",
+        role: str = "active",
+        drain_rate: float = 50.0,
+        degraded_queue: int = 1000,
+        seed: int | None = None,
+    ) -> None:
         self.name = name
         self.region = region
         self.role = role
@@ -61,12 +67,18 @@ class SimulatedMaster:
         self._rng = rng
         self.cpu = 5.0 + rng.random() * 10
         self.memory = 20.0 + rng.random() * 10
-        self.config = {"webhook": f"https://bots.example/{name}", "language": "en",
-                       "rate_limit_per_minute": 600}
+        self.config = {
+            "webhook": f"https://bots.example/{name}",
+            "language": "en",
+            "rate_limit_per_minute": 600,
+        }
         country = {"uae": "+9715", "usa": "+1202"}.get(region, "+4420")
         self.sessions: dict[str, dict] = {
-            f"{name}-s{i}": {"phone": f"{country}{rng.randrange(10**6, 10**7)}",
-                             "opened_at": round(time.time(), 3), "messages": 0}
+            f"{name}-s{i}": {
+                "phone": f"{country}{rng.randrange(10**6, 10**7)}",
+                "opened_at": round(time.time(), 3),
+                "messages": 0,
+            }
             for i in range(rng.randint(3, 5))
         }
 
@@ -78,10 +90,12 @@ class SimulatedMaster:
     def health(self) -> dict[str, Any]:
         """Figures move like a real service: cpu follows the queue, memory the sessions."""
         load = min(100.0, self.queue_length / max(1, self.degraded_queue) * 80)
-        self.cpu = max(1.0, min(100.0, 0.7 * self.cpu + 0.3 * (8 + load)
-                                + self._rng.uniform(-2, 2)))
-        self.memory = max(1.0, min(100.0, 20 + len(self.sessions) * 0.05
-                                   + self._rng.uniform(-0.5, 0.5)))
+        self.cpu = max(
+            1.0, min(100.0, 0.7 * self.cpu + 0.3 * (8 + load) + self._rng.uniform(-2, 2))
+        )
+        self.memory = max(
+            1.0, min(100.0, 20 + len(self.sessions) * 0.05 + self._rng.uniform(-0.5, 0.5))
+        )
         degraded = self.mode == "slow" or self.queue_length > self.degraded_queue
         return {
             "status": "down" if self.mode == "down" else ("degraded" if degraded else "ok"),
@@ -114,8 +128,9 @@ class SimulatedMaster:
                 raise ValueError(f"snapshot lacks {key!r}")
         if snapshot_checksum(snap) != snap["checksum"]:
             raise ValueError("checksum does not match the snapshot")
-        stored = {k: snap[k] for k in ("sessions", "pending_messages", "config", "imported")
-                  if k in snap}
+        stored = {
+            k: snap[k] for k in ("sessions", "pending_messages", "config", "imported") if k in snap
+        }
         stored["checksum"] = snapshot_checksum(stored)
         self.imported[snap["master"]] = stored
         return stored["checksum"]
@@ -130,8 +145,10 @@ class SimulatedMaster:
         self.pending.append(message)
         session = message.get("chat") or message.get("session")
         if session is not None:
-            entry = self.sessions.setdefault(str(session), {
-                "phone": str(session), "opened_at": round(time.time(), 3), "messages": 0})
+            entry = self.sessions.setdefault(
+                str(session),
+                {"phone": str(session), "opened_at": round(time.time(), 3), "messages": 0},
+            )
             entry["messages"] += 1
         return True
 
@@ -182,11 +199,13 @@ def create_app(master: SimulatedMaster) -> web.Application:
         try:
             data = json.loads(raw)
         except ValueError:
-            raise web.HTTPBadRequest(text='{"error": "body is not JSON"}',
-                                     content_type="application/json") from None
+            raise web.HTTPBadRequest(
+                text='{"error": "body is not JSON"}', content_type="application/json"
+            ) from None
         if not isinstance(data, dict):
-            raise web.HTTPBadRequest(text='{"error": "body must be a JSON object"}',
-                                     content_type="application/json")
+            raise web.HTTPBadRequest(
+                text='{"error": "body must be a JSON object"}', content_type="application/json"
+            )
         return data
 
     async def health(_: web.Request) -> web.Response:
@@ -225,8 +244,7 @@ def create_app(master: SimulatedMaster) -> web.Application:
         else:
             master.active = False
             master.duties = []
-        log.info("%s deactivated (%s), duties %s", master.name, taken or "fenced",
-                 master.duties)
+        log.info("%s deactivated (%s), duties %s", master.name, taken or "fenced", master.duties)
         return web.json_response({"active": master.active, "duties": master.duties})
 
     async def post_message(request: web.Request) -> web.Response:
@@ -236,8 +254,9 @@ def create_app(master: SimulatedMaster) -> web.Application:
         if "id" not in msg or msg["id"] in (None, ""):
             return _error(400, "message needs an id")
         fresh = master.accept(msg)
-        return web.json_response({"accepted": True, "duplicate": not fresh},
-                                 status=202 if fresh else 200)
+        return web.json_response(
+            {"accepted": True, "duplicate": not fresh}, status=202 if fresh else 200
+        )
 
     async def get_messages(_: web.Request) -> web.Response:
         return web.json_response({"ids": master.accepted, "count": len(master.accepted)})
@@ -275,11 +294,13 @@ def create_app(master: SimulatedMaster) -> web.Application:
     return app
 
 
-async def serve_master(name: str, port: int, region: str = "default", role: str = "active",
-                       host: str = "127.0.0.1") -> None:
+async def serve_master(
+    name: str, port: int, region: str = "default", role: str = "active", host: str = "127.0.0.1"
+) -> None:
     """Run one master until SIGTERM/SIGINT or cancellation, then close cleanly."""
-    runner = web.AppRunner(create_app(SimulatedMaster(name, region, role)), access_log=None,
-                           shutdown_timeout=0.5)
+    runner = web.AppRunner(
+        create_app(SimulatedMaster(name, region, role)), access_log=None, shutdown_timeout=0.5
+    )
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     print(f"master {name} listening on http://{host}:{port} ({region}, {role})", flush=True)

@@ -20,13 +20,15 @@ from exporter import __version__
 if TYPE_CHECKING:
     from exporter.service import Service
 
-_env = Environment(loader=PackageLoader("exporter", "templates"),
-                   autoescape=select_autoescape(["html"], default=True))
+_env = Environment(
+    loader=PackageLoader("exporter", "templates"),
+    autoescape=select_autoescape(["html"], default=True),
+)
 ALERTS_TIMEOUT = 1.0
 
 
 def _utc(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "–"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "-"
 
 
 async def firing_alerts(service: Service) -> tuple[list[dict], str | None]:
@@ -36,20 +38,25 @@ async def firing_alerts(service: Service) -> tuple[list[dict], str | None]:
     url = f"{am.url.rstrip('/')}/api/v2/alerts"
     try:
         async with asyncio.timeout(ALERTS_TIMEOUT):
-            async with service.session.get(url, params={"active": "true", "silenced": "false",
-                                                        "inhibited": "false"}) as resp:
+            async with service.session.get(
+                url, params={"active": "true", "silenced": "false", "inhibited": "false"}
+            ) as resp:
                 if resp.status != 200:
                     return [], f"Alertmanager answered HTTP {resp.status}."
                 raw = await resp.json()
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         return [], f"Alertmanager at {am.url} is not reachable ({type(exc).__name__})."
-    alerts = [{
-        "name": a.get("labels", {}).get("alertname", "?"),
-        "severity": a.get("labels", {}).get("severity", ""),
-        "master": a.get("labels", {}).get("master", ""),
-        "summary": a.get("annotations", {}).get("summary", ""),
-        "since": (a.get("startsAt") or "")[:19].replace("T", " "),
-    } for a in raw if isinstance(a, dict)]
+    alerts = [
+        {
+            "name": a.get("labels", {}).get("alertname", "?"),
+            "severity": a.get("labels", {}).get("severity", ""),
+            "master": a.get("labels", {}).get("master", ""),
+            "summary": a.get("annotations", {}).get("summary", ""),
+            "since": (a.get("startsAt") or "")[:19].replace("T", " "),
+        }
+        for a in raw
+        if isinstance(a, dict)
+    ]
     return sorted(alerts, key=lambda a: (a["severity"] != "critical", a["name"])), None
 
 

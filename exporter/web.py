@@ -40,8 +40,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except ApiError as exc:
         return json_response({"error": str(exc)}, exc.status)
     except web.HTTPRequestEntityTooLarge as exc:
-        return json_response({"error": f"request body too large (limit {exc.max_size} bytes)"},
-                             413)
+        return json_response({"error": f"request body too large (limit {exc.max_size} bytes)"}, 413)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -60,11 +59,17 @@ def require_token(request: web.Request) -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     expected = svc.token or ""
-    if scheme.lower() != "bearer" or not expected or not hmac.compare_digest(
-        given.strip().encode(), expected.encode()
+    if (
+        scheme.lower() != "bearer"
+        or not expected
+        or not hmac.compare_digest(given.strip().encode(), expected.encode())
     ):
-        log.warning("rejected %s %s from %s: missing or wrong bearer token", request.method,
-                    request.path, request.remote)
+        log.warning(
+            "rejected %s %s from %s: missing or wrong bearer token",
+            request.method,
+            request.path,
+            request.remote,
+        )
         raise ApiError(401, "missing or invalid bearer token")
 
 
@@ -126,14 +131,16 @@ async def reload(request: web.Request) -> web.Response:
     require_token(request)
     ok, errors = await service_of(request).reload()
     if not ok:
-        return json_response({"error": "config rejected, running config kept", "errors": errors},
-                             400)
+        return json_response(
+            {"error": "config rejected, running config kept", "errors": errors}, 400
+        )
     return json_response({"status": "reloaded"})
 
 
 def create_app(service: Service) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json],
-                          client_max_size=service.config.api.max_body_bytes)
+    app = web.Application(
+        middlewares=[errors_as_json], client_max_size=service.config.api.max_body_bytes
+    )
     app[SERVICE] = service
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

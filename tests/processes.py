@@ -21,9 +21,12 @@ class Proc:
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.args, self.log = args, log
         self._out = log.open("ab")
-        self.popen = subprocess.Popen([sys.executable, "-m", "exporter.cli", *args],
-                                      stdout=self._out, stderr=subprocess.STDOUT,
-                                      env={**os.environ, **(env or {})})
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "exporter.cli", *args],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.popen.poll() is None:
@@ -43,18 +46,26 @@ class Proc:
             self._out.close()
 
 
-def start_master(tmp: Path, name: str, port: int, region: str = "uae",
-                 role: str = "active") -> Proc:
-    return Proc(["master", "--name", name, "--port", str(port), "--region", region,
-                 "--role", role], tmp / f"{name}.log")
+def start_master(
+    tmp: Path, name: str, port: int, region: str = "uae", role: str = "active"
+) -> Proc:
+    return Proc(
+        ["master", "--name", name, "--port", str(port), "--region", region, "--role", role],
+        tmp / f"{name}.log",
+    )
 
 
 def write_config(tmp: Path, masters: list[dict], **sections: dict) -> Path:
     cfg = {
         "listen": {"host": "127.0.0.1", "port": free_port()},
         "state_path": str(tmp / "state.db"),
-        "probe": {"interval": "500ms", "timeout": "300ms", "failure_threshold": 3,
-                  "recovery_threshold": 2, "jitter": "10%"},
+        "probe": {
+            "interval": "500ms",
+            "timeout": "300ms",
+            "failure_threshold": 3,
+            "recovery_threshold": 2,
+            "jitter": "10%",
+        },
         "masters": masters,
         "api": {"token_env": "HA_TEST_TOKEN"},
         **sections,
@@ -66,6 +77,7 @@ def write_config(tmp: Path, masters: list[dict], **sections: dict) -> Path:
 
 def start_exporter(tmp: Path, config: Path, *extra: str) -> tuple[Proc, str]:
     port = yaml.safe_load(config.read_text())["listen"]["port"]
-    proc = Proc(["run", "--config", str(config), *extra], tmp / "exporter.log",
-                env={"HA_TEST_TOKEN": TOKEN})
+    proc = Proc(
+        ["run", "--config", str(config), *extra], tmp / "exporter.log", env={"HA_TEST_TOKEN": TOKEN}
+    )
     return proc, f"http://127.0.0.1:{port}"

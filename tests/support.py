@@ -20,8 +20,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def wait_for(check: Callable[[], Awaitable[T] | T], timeout: float, what: str,
-                   poll: float = 0.05) -> T:
+async def wait_for(
+    check: Callable[[], Awaitable[T] | T], timeout: float, what: str, poll: float = 0.05
+) -> T:
     """Poll ``check`` until it returns something truthy, or fail naming ``what``."""
     deadline = time.monotonic() + timeout
     last: object = None
@@ -52,4 +53,3 @@ async def serve_app(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
-

@@ -26,21 +26,37 @@ async def metric(http: aiohttp.ClientSession, base: str, line_prefix: str) -> fl
 @pytest.fixture
 async def fleet(tmp_path):
     ports = [free_port(), free_port()]
-    masters = [start_master(tmp_path, "master-a", ports[0]),
-               start_master(tmp_path, "master-b", ports[1], region="usa")]
-    config = write_config(tmp_path, [
-        {"name": "master-a", "url": f"http://127.0.0.1:{ports[0]}", "priority": 1,
-         "region": "uae"},
-        {"name": "master-b", "url": f"http://127.0.0.1:{ports[1]}", "priority": 2,
-         "region": "usa"},
-    ], failover={"enabled": False})
+    masters = [
+        start_master(tmp_path, "master-a", ports[0]),
+        start_master(tmp_path, "master-b", ports[1], region="usa"),
+    ]
+    config = write_config(
+        tmp_path,
+        [
+            {
+                "name": "master-a",
+                "url": f"http://127.0.0.1:{ports[0]}",
+                "priority": 1,
+                "region": "uae",
+            },
+            {
+                "name": "master-b",
+                "url": f"http://127.0.0.1:{ports[1]}",
+                "priority": 2,
+                "region": "usa",
+            },
+        ],
+        failover={"enabled": False},
+    )
     exporter, base = start_exporter(tmp_path, config)
     procs = [*masters, exporter]
     try:
         async with aiohttp.ClientSession() as http:
+
             async def ready() -> bool:
                 async with http.get(f"{base}/readyz") as r:
                     return r.status == 200
+
             await wait_for(ready, 15, "exporter readiness")
             yield masters, exporter, base, config, http
     finally:
@@ -49,7 +65,7 @@ async def fleet(tmp_path):
 
 
 async def test_sigkilled_master_is_failed_on_metrics_within_the_bound(fleet):
-    masters, exporter, base, _, http = fleet
+    masters, _exporter, base, _, http = fleet
     interval, timeout, threshold = 0.5, 0.3, 3
     bound = threshold * interval + timeout + interval
     failed = 'ha_master_state{master="master-a",state="failed"}'
@@ -59,23 +75,27 @@ async def test_sigkilled_master_is_failed_on_metrics_within_the_bound(fleet):
 
     async def is_failed() -> bool:
         return await metric(http, base, failed) == 1
+
     await wait_for(is_failed, bound + 5, "master-a failed on /metrics", poll=0.02)
     took = time.monotonic() - t0
     assert took <= bound + 0.1, f"detected after {took:.2f}s, bound {bound:.2f}s"
     up = 'ha_master_up{master="master-a",region="uae",role="active"}'
     assert await metric(http, base, up) == 0
-    assert await metric(http, base,
-                        'ha_master_probes_total{master="master-a",result="connect_error"}') >= 3
+    assert (
+        await metric(http, base, 'ha_master_probes_total{master="master-a",result="connect_error"}')
+        >= 3
+    )
     assert await metric(http, base, 'ha_master_state{master="master-b",state="healthy"}') == 1
 
 
 async def test_sighup_reloads_and_sigterm_stops_cleanly(fleet):
-    masters, exporter, base, config, http = fleet
+    _masters, exporter, base, config, http = fleet
     config.write_text(config.read_text().replace("failure_threshold: 3", "failure_threshold: 4"))
     exporter.kill(signal.SIGHUP)
 
     async def reloaded() -> bool:
         return "config reloaded" in exporter.output()
+
     await wait_for(reloaded, 5, "reload logged")
     assert await metric(http, base, "ha_config_last_reload_success") == 1
     t0 = time.monotonic()
@@ -88,17 +108,24 @@ async def test_sighup_reloads_and_sigterm_stops_cleanly(fleet):
 
 def test_refuses_to_start_without_a_token(tmp_path):
     config = write_config(tmp_path, [{"name": "m", "url": "http://127.0.0.1:1"}])
-    res = subprocess.run([sys.executable, "-m", "exporter.cli", "run", "--config", str(config)],
-                         capture_output=True, text=True, timeout=30,
-                         env={"PATH": "/usr/bin:/bin"})
+    res = subprocess.run(
+        [sys.executable, "-m", "exporter.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert res.returncode == 2
     assert "HA_TEST_TOKEN" in res.stderr and "--insecure-no-auth" in res.stderr
 
 
 async def test_insecure_no_auth_warns_at_start(tmp_path):
     config = write_config(tmp_path, [{"name": "m", "url": f"http://127.0.0.1:{free_port()}"}])
-    proc = Proc(["run", "--config", str(config), "--insecure-no-auth"], tmp_path / "x.log",
-                env={"HA_TEST_TOKEN": ""})
+    proc = Proc(
+        ["run", "--config", str(config), "--insecure-no-auth"],
+        tmp_path / "x.log",
+        env={"HA_TEST_TOKEN": ""},
+    )
     try:
         await wait_for(lambda: "insecure-no-auth" in proc.output(), 10, "the warning")
         assert "WARNING" in proc.output()

@@ -40,14 +40,25 @@ def test_example_config_loads_with_contract_values():
     ("mutate", "expected"),
     [
         (lambda t: t.replace('"http://127.0.0.1:9203"', '"ftp://x"'), "masters[2].url:"),
-        (lambda t: t.replace("jitter: 10%", "jitter: 10%, colour: red"), "probe.colour: unknown key"),
-        (lambda t: t.replace("interval: 5s", "interval: 5 seconds"), "probe.interval: invalid duration"),
-        (lambda t: t.replace("timeout: 2s", "timeout: 9s"), "probe.timeout: must be greater than 0"),
+        (
+            lambda t: t.replace("jitter: 10%", "jitter: 10%, colour: red"),
+            "probe.colour: unknown key",
+        ),
+        (
+            lambda t: t.replace("interval: 5s", "interval: 5 seconds"),
+            "probe.interval: invalid duration",
+        ),
+        (
+            lambda t: t.replace("timeout: 2s", "timeout: 9s"),
+            "probe.timeout: must be greater than 0",
+        ),
         (lambda t: t.replace("name: master-b", "name: master-a"), "masters[1].name: duplicate"),
         (lambda t: t.replace("strategy: round_robin", "strategy: random"), "balancing.strategy:"),
         (lambda t: t.replace("priority: 1,", "priority: -1,"), "masters[0].priority:"),
-        (lambda t: t.replace("queue_warning: 100", "queue_warning: 900"),
-         "thresholds.queue_critical: must be at least queue_warning"),
+        (
+            lambda t: t.replace("queue_warning: 100", "queue_warning: 900"),
+            "thresholds.queue_critical: must be at least queue_warning",
+        ),
         (lambda t: t.replace("for: 30s", "for: soon"), "balancing.rebalance.for: invalid duration"),
         (lambda t: t + "state_path: again.db\n", "duplicate key 'state_path'"),
         (lambda t: t.replace("masters:", "mastres:"), "mastres: unknown key"),
@@ -60,8 +71,11 @@ def test_each_bad_config_names_its_key(mutate, expected):
 
 
 def test_every_error_is_reported_not_just_the_first():
-    text = GOOD.replace('"ftp"', "").replace("jitter: 10%", "jitter: 10%, a: 1").replace(
-        "cooldown: 60s", "cooldown: never")
+    text = (
+        GOOD.replace('"ftp"', "")
+        .replace("jitter: 10%", "jitter: 10%, a: 1")
+        .replace("cooldown: 60s", "cooldown: never")
+    )
     errs = errors_of(text)
     assert any(e.startswith("probe.a:") for e in errs)
     assert any(e.startswith("failover.cooldown:") for e in errs)
@@ -79,16 +93,18 @@ def test_token_from_env_or_file_never_from_yaml(tmp_path, monkeypatch):
     assert read_token(cfg.api) == "from-env"
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
-    cfg2 = load_config_text(GOOD.replace("api: {token_env: HA_EXPORTER_TOKEN}",
-                                         f"api: {{token_file: {token_file}}}"))
+    cfg2 = load_config_text(
+        GOOD.replace("api: {token_env: HA_EXPORTER_TOKEN}", f"api: {{token_file: {token_file}}}")
+    )
     assert read_token(cfg2.api) == "from-file"
     errs = errors_of(GOOD.replace("api: {token_env: HA_EXPORTER_TOKEN}", "api: {token: abc}"))
     assert errs == ["api.token: unknown key"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def test_check_config_exit_codes(tmp_path):
@@ -96,8 +112,11 @@ def test_check_config_exit_codes(tmp_path):
     assert ok.returncode == 0
     assert ok.stdout.startswith("config ok: 3 masters (1 standby) in 2 regions")
     bad = tmp_path / "bad.yml"
-    bad.write_text(GOOD.replace('"http://127.0.0.1:9203"', '"nope"').replace("jitter: 10%",
-                                                                             "jitter: 10%, x: 1"))
+    bad.write_text(
+        GOOD.replace('"http://127.0.0.1:9203"', '"nope"').replace(
+            "jitter: 10%", "jitter: 10%, x: 1"
+        )
+    )
     res = run_cli("check-config", str(bad))
     assert res.returncode == 2
     assert "masters[2].url: 'nope' is not an http(s) URL" in res.stderr

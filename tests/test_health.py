@@ -48,8 +48,12 @@ def test_heals_only_after_recovery_threshold_consecutive_successes(fail_t, rec_t
             assert run == rec_t
 
 
-@given(st.integers(min_value=2, max_value=6), st.integers(min_value=1, max_value=6),
-       st.integers(min_value=1, max_value=100), st.booleans())
+@given(
+    st.integers(min_value=2, max_value=6),
+    st.integers(min_value=1, max_value=6),
+    st.integers(min_value=1, max_value=100),
+    st.booleans(),
+)
 def test_alternating_master_never_cycles(fail_t, rec_t, n, start_ok):
     """Up/down on every probe: a healthy master never fails (threshold >= 2)."""
     m = HealthMachine("m", fail_t, rec_t)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 from aiohttp import web
@@ -11,7 +12,6 @@ from exporter.config import MasterConfig, ProbeConfig
 from exporter.fleet import Fleet
 from exporter.health import Result
 from exporter.probing import Prober, classify, new_session, probe_once
-
 from tests.support import free_port, serve_app, wait_for
 
 PROBE = ProbeConfig(interval=1.0, timeout=0.3, degraded_latency=0.15, jitter=0.1)
@@ -45,9 +45,16 @@ def misbehaving_master() -> web.Application:
         return web.json_response({"status": "ok", "queue_length": "lots"})
 
     app = web.Application()
-    for name, handler in [("ok", ok), ("hang", hang), ("slow", slow), ("error", error),
-                          ("garbage", garbage), ("down", down), ("degraded", degraded),
-                          ("bad_field", bad_field)]:
+    for name, handler in [
+        ("ok", ok),
+        ("hang", hang),
+        ("slow", slow),
+        ("error", error),
+        ("garbage", garbage),
+        ("down", down),
+        ("degraded", degraded),
+        ("bad_field", bad_field),
+    ]:
         app.router.add_get(f"/{name}", handler)
     return app
 
@@ -125,5 +132,5 @@ async def test_rounds_probe_every_master_spread_over_the_interval(master_url):
     firsts = sorted(v[0] for v in seen.values())
     assert firsts[-1] - firsts[0] > 0.15  # spread over the round, not a thundering herd
     for times in seen.values():  # one probe per master per interval, give or take jitter
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         assert all(0.5 * (1 - 0.1) - 0.1 < g < 0.5 * (1 + 0.1) + 0.1 for g in gaps), gaps

@@ -26,12 +26,16 @@ def ok_app() -> web.Application:
 
 
 def write_config(path, url: str, names: list[str], **probe) -> None:
-    path.write_text(yaml.safe_dump({
-        "state_path": str(path.parent / "state.db"),
-        "probe": {"interval": "200ms", "timeout": "100ms", **probe},
-        "masters": [{"name": n, "url": f"{url}/{n}"} for n in names],
-        "api": {"token_env": None},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "state_path": str(path.parent / "state.db"),
+                "probe": {"interval": "200ms", "timeout": "100ms", **probe},
+                "masters": [{"name": n, "url": f"{url}/{n}"} for n in names],
+                "api": {"token_env": None},
+            }
+        )
+    )
 
 
 async def test_reload_adds_removes_and_keeps_state_of_unchanged(tmp_path, caplog):
@@ -42,9 +46,11 @@ async def test_reload_adds_removes_and_keeps_state_of_unchanged(tmp_path, caplog
         await svc.start(port=0)
         base = f"http://127.0.0.1:{svc.bound_port}"
         try:
+
             async def ready() -> bool:
                 async with http.get(f"{base}/readyz") as r:
                     return r.status == 200
+
             await wait_for(ready, 5, "readiness")
             await wait_for(lambda: sum(svc.fleet.get("a").result_counts) >= 3, 5, "probes of a")
             a_before = svc.fleet.get("a")
@@ -71,8 +77,11 @@ async def test_reload_adds_removes_and_keeps_state_of_unchanged(tmp_path, caplog
             async with http.get(f"{base}/metrics") as r:
                 assert "ha_config_last_reload_success 0.0" in await r.text()
             n = sum(svc.fleet.get("c").result_counts)
-            await wait_for(lambda: sum(svc.fleet.get("c").result_counts) > n, 5,
-                           "probing to go on after a rejected reload")
+            await wait_for(
+                lambda: sum(svc.fleet.get("c").result_counts) > n,
+                5,
+                "probing to go on after a rejected reload",
+            )
         finally:
             await svc.stop()
 

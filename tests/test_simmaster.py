@@ -19,13 +19,16 @@ from tests.support import free_port, serve_app, wait_for
 async def pair():
     a = SimulatedMaster("master-a", "uae", "active", drain_rate=20)
     b = SimulatedMaster("master-b", "uae", "standby")
-    async with serve_app(create_app(a)) as ua, serve_app(create_app(b)) as ub, \
-            aiohttp.ClientSession() as http:
+    async with (
+        serve_app(create_app(a)) as ua,
+        serve_app(create_app(b)) as ub,
+        aiohttp.ClientSession() as http,
+    ):
         yield a, b, ua, ub, http
 
 
 async def test_health_payload_and_queue_drains(pair):
-    a, _, ua, _, http = pair
+    _a, _, ua, _, http = pair
     async with http.get(f"{ua}/health") as r:
         h = await r.json()
     assert h["status"] == "ok" and h["name"] == "master-a" and h["active"] is True
@@ -39,6 +42,7 @@ async def test_health_payload_and_queue_drains(pair):
     async def drained() -> bool:
         async with http.get(f"{ua}/health") as r:
             return (await r.json())["queue_length"] == 0
+
     await wait_for(drained, 5, "the queue to drain")
 
 
@@ -57,7 +61,7 @@ async def test_messages_are_idempotent_and_need_an_active_master(pair):
 
 
 async def test_state_transfer_with_checksum(pair):
-    a, b, ua, ub, http = pair
+    _a, b, ua, ub, http = pair
     async with http.post(f"{ua}/messages", json={"id": "p1", "chat": "+97150000001"}):
         pass
     async with http.get(f"{ua}/state") as r:
@@ -83,7 +87,7 @@ async def test_state_transfer_with_checksum(pair):
 
 
 async def test_activate_deactivate_and_fencing(pair):
-    a, b, ua, ub, http = pair
+    _a, _b, ua, ub, http = pair
     async with http.post(f"{ub}/activate", json={"taken_over": "master-a"}) as r:
         assert await r.json() == {"active": True, "duties": ["master-a"]}
     async with http.post(f"{ub}/messages", json={"id": "y"}) as r:
@@ -108,11 +112,13 @@ async def test_chaos_modes(pair, mode):
     except TimeoutError:
         status, text = None, ""
     took = time.monotonic() - t0
-    expected = {"down": lambda: status == 200 and '"down"' in text,
-                "error": lambda: status == 500,
-                "garbage": lambda: status == 200 and not text.startswith("{"),
-                "hang": lambda: status is None and took >= 0.6,
-                "slow": lambda: status == 200 and took >= 0.3}
+    expected = {
+        "down": lambda: status == 200 and '"down"' in text,
+        "error": lambda: status == 500,
+        "garbage": lambda: status == 200 and not text.startswith("{"),
+        "hang": lambda: status is None and took >= 0.6,
+        "slow": lambda: status == 200 and took >= 0.3,
+    }
     assert expected[mode](), (mode, status, text[:80], took)
     async with http.post(f"{ua}/chaos", json={"mode": "sideways"}) as r:
         assert r.status == 400
@@ -120,21 +126,37 @@ async def test_chaos_modes(pair, mode):
 
 async def test_too_large_body_is_413(pair):
     _, _, ua, _, http = pair
-    async with http.post(f"{ua}/messages", data=b"x" * (2 << 20),
-                         headers={"Content-Type": "application/json"}) as r:
+    async with http.post(
+        f"{ua}/messages", data=b"x" * (2 << 20), headers={"Content-Type": "application/json"}
+    ) as r:
         assert r.status == 413 and "error" in await r.json()
 
 
 async def test_master_process_stops_cleanly_on_sigterm():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "master", "--name", "m1",
-                             "--port", str(port), "--region", "uae"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exporter.cli",
+            "master",
+            "--name",
+            "m1",
+            "--port",
+            str(port),
+            "--region",
+            "uae",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         async with aiohttp.ClientSession() as http:
+
             async def up() -> bool:
                 async with http.get(f"http://127.0.0.1:{port}/health") as r:
                     return r.status == 200
+
             await wait_for(up, 10, "the master process to answer")
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 5) == 0
