@@ -35,22 +35,32 @@ class PerMasterJobs(Prober):
         self._scheduler = AsyncIOScheduler()
         self._scheduler.start()
         for rt in self.fleet:
-            trigger = IntervalTrigger(seconds=self.probe.interval,
-                                      jitter=self.probe.interval * self.probe.jitter)
-            self._scheduler.add_job(self._probe_master, trigger, args=[rt], id=rt.name,
-                                    max_instances=1, coalesce=True)
+            trigger = IntervalTrigger(
+                seconds=self.probe.interval, jitter=self.probe.interval * self.probe.jitter
+            )
+            self._scheduler.add_job(
+                self._probe_master, trigger, args=[rt], id=rt.name, max_instances=1, coalesce=True
+            )
         self.first_round_done.set()
 
 
-async def ours(port: int, masters: int, interval: float, seconds: float,
-               per_master: bool = False) -> dict:
-    cfg = parse_config({
-        "state_path": str(Path(tempfile.mkdtemp()) / "bench.db"),
-        "probe": {"interval": f"{int(interval * 1000)}ms", "timeout": "2s", "jitter": "10%",
-                  "max_connections": 512},
-        "masters": [{"name": f"m{i}", "url": f"http://127.0.0.1:{port}/m{i}"}
-                    for i in range(masters)],
-    })
+async def ours(
+    port: int, masters: int, interval: float, seconds: float, per_master: bool = False
+) -> dict:
+    cfg = parse_config(
+        {
+            "state_path": str(Path(tempfile.mkdtemp()) / "bench.db"),
+            "probe": {
+                "interval": f"{int(interval * 1000)}ms",
+                "timeout": "2s",
+                "jitter": "10%",
+                "max_connections": 512,
+            },
+            "masters": [
+                {"name": f"m{i}", "url": f"http://127.0.0.1:{port}/m{i}"} for i in range(masters)
+            ],
+        }
+    )
     service = Service(cfg)
     async with new_session(cfg.probe) as session:
         kind = PerMasterJobs if per_master else Prober
@@ -70,9 +80,14 @@ async def ours(port: int, masters: int, interval: float, seconds: float,
         total = sum(sum(rt.result_counts) for rt in service.fleet)
         await prober.stop()
     probes = done1 - done0
-    return {"probes": probes, "rate": probes / (wall1 - wall0), "cpu": cpu1 - cpu0,
-            "wall": wall1 - wall0, "success": ok / total if total else 0.0,
-            "setup_cpu": setup_cpu}
+    return {
+        "probes": probes,
+        "rate": probes / (wall1 - wall0),
+        "cpu": cpu1 - cpu0,
+        "wall": wall1 - wall0,
+        "success": ok / total if total else 0.0,
+        "setup_cpu": setup_cpu,
+    }
 
 
 async def blackbox(target_port: int, probes: int, concurrency: int) -> dict | None:
@@ -83,19 +98,30 @@ async def blackbox(target_port: int, probes: int, concurrency: int) -> dict | No
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "blackbox.yml"
         conf.write_text("modules:\n  http_2xx:\n    prober: http\n    timeout: 2s\n")
-        proc = subprocess.Popen([binary, f"--config.file={conf}",
-                                 f"--web.listen-address=127.0.0.1:{port}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [binary, f"--config.file={conf}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             wait_http(f"http://127.0.0.1:{port}/metrics")
             url = f"http://127.0.0.1:{port}/probe"
             sem = asyncio.Semaphore(concurrency)
             async with aiohttp.ClientSession() as session:
+
                 async def one(i: int) -> bool:
-                    async with sem, session.get(url, params={
-                            "module": "http_2xx",
-                            "target": f"http://127.0.0.1:{target_port}/m{i}"}) as resp:
+                    async with (
+                        sem,
+                        session.get(
+                            url,
+                            params={
+                                "module": "http_2xx",
+                                "target": f"http://127.0.0.1:{target_port}/m{i}",
+                            },
+                        ) as resp,
+                    ):
                         return "probe_success 1" in await resp.text()
+
                 await asyncio.gather(*(one(i) for i in range(200)))  # warm up
                 cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
                 results = await asyncio.gather(*(one(i) for i in range(probes)))
@@ -103,8 +129,12 @@ async def blackbox(target_port: int, probes: int, concurrency: int) -> dict | No
         finally:
             proc.terminate()
             proc.wait(5)
-    return {"probes": probes, "rate": probes / (wall1 - wall0), "cpu": cpu1 - cpu0,
-            "success": sum(results) / probes}
+    return {
+        "probes": probes,
+        "rate": probes / (wall1 - wall0),
+        "cpu": cpu1 - cpu0,
+        "success": sum(results) / probes,
+    }
 
 
 async def main() -> None:
@@ -119,21 +149,27 @@ async def main() -> None:
     try:
         print(f"machine: {machine()}")
         target_rate = args.masters / args.interval
-        for label, per_master in (("one job per round (shipped)", False),
-                                  ("one job per master", True)):
+        for label, per_master in (
+            ("one job per round (shipped)", False),
+            ("one job per master", True),
+        ):
             r = await ours(port, args.masters, args.interval, args.seconds, per_master)
-            print(f"ha-exporter, {label}: {args.masters} masters every {args.interval:g}s "
-                  f"(target {target_rate:.0f} probes/s): {r['rate']:.0f} probes/s over "
-                  f"{r['wall']:.1f}s, {r['cpu'] / r['probes'] * 1000:.3f} CPU-s per 1,000 "
-                  f"probes, one core {100 * r['cpu'] / r['wall']:.0f}% busy, success "
-                  f"{100 * r['success']:.1f}%, scheduling set-up {r['setup_cpu']:.2f} CPU-s")
+            print(
+                f"ha-exporter, {label}: {args.masters} masters every {args.interval:g}s "
+                f"(target {target_rate:.0f} probes/s): {r['rate']:.0f} probes/s over "
+                f"{r['wall']:.1f}s, {r['cpu'] / r['probes'] * 1000:.3f} CPU-s per 1,000 "
+                f"probes, one core {100 * r['cpu'] / r['wall']:.0f}% busy, success "
+                f"{100 * r['success']:.1f}%, scheduling set-up {r['setup_cpu']:.2f} CPU-s"
+            )
         b = await blackbox(port, args.blackbox_probes, 64)
         if b is None:
             print("blackbox_exporter: not installed (apt-get install prometheus-blackbox-exporter)")
         else:
-            print(f"blackbox_exporter: {b['probes']} probes at {b['rate']:.0f} probes/s, "
-                  f"{b['cpu'] / b['probes'] * 1000:.3f} CPU-s per 1,000 probes, "
-                  f"success {100 * b['success']:.1f}%")
+            print(
+                f"blackbox_exporter: {b['probes']} probes at {b['rate']:.0f} probes/s, "
+                f"{b['cpu'] / b['probes'] * 1000:.3f} CPU-s per 1,000 probes, "
+                f"success {100 * b['success']:.1f}%"
+            )
     finally:
         target.terminate()
         target.wait(5)

@@ -28,9 +28,16 @@ def config(port: int, n: int) -> dict:
     return {
         "state_path": str(Path(tempfile.mkdtemp()) / "bench.db"),
         "probe": {"interval": "5s", "timeout": "2s"},
-        "masters": [{"name": f"master-{i:05d}", "url": f"http://127.0.0.1:{port}/m{i}",
-                     "region": ("uae", "usa", "eu")[i % 3], "priority": i,
-                     "role": "standby" if i % 4 == 3 else "active"} for i in range(n)],
+        "masters": [
+            {
+                "name": f"master-{i:05d}",
+                "url": f"http://127.0.0.1:{port}/m{i}",
+                "region": ("uae", "usa", "eu")[i % 3],
+                "priority": i,
+                "role": "standby" if i % 4 == 3 else "active",
+            }
+            for i in range(n)
+        ],
     }
 
 
@@ -58,8 +65,16 @@ async def child(port: int, n: int) -> None:
     service = await probed_service(port, n)
     probed = rss_kib()
     service.metrics.render(None)
-    print(json.dumps({"base_kib": base, "built_kib": built_kib, "after_kib": probed,
-                      "rendered_kib": rss_kib()}))
+    print(
+        json.dumps(
+            {
+                "base_kib": base,
+                "built_kib": built_kib,
+                "after_kib": probed,
+                "rendered_kib": rss_kib(),
+            }
+        )
+    )
 
 
 def render_times(service: Service, accept: str | None) -> tuple[float, int]:
@@ -85,21 +100,39 @@ async def main() -> None:
         print(f"machine: {machine()}")
         for n in args.sizes:
             service = await probed_service(port, n)
-            for label, accept in (("text 0.0.4", None),
-                                  ("OpenMetrics", "application/openmetrics-text")):
+            for label, accept in (
+                ("text 0.0.4", None),
+                ("OpenMetrics", "application/openmetrics-text"),
+            ):
                 seconds, size = render_times(service, accept)
-                print(f"scrape {n:>6} masters, {label:<11}: {seconds * 1000:7.1f} ms median, "
-                      f"{size / 1e6:6.2f} MB, {size // n} bytes/master")
-            out = subprocess.run([sys.executable, "-m", "bench.bench_scrape", "--child", str(n),
-                                  "--port", str(port)], capture_output=True, text=True,
-                                 check=True, timeout=300)
+                print(
+                    f"scrape {n:>6} masters, {label:<11}: {seconds * 1000:7.1f} ms median, "
+                    f"{size / 1e6:6.2f} MB, {size // n} bytes/master"
+                )
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.bench_scrape",
+                    "--child",
+                    str(n),
+                    "--port",
+                    str(port),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=300,
+            )
             mem = json.loads(out.stdout.strip().splitlines()[-1])
             per = (mem["after_kib"] - mem["base_kib"]) / n
             built = (mem["built_kib"] - mem["base_kib"]) / n
-            print(f"memory {n:>6} masters: base {mem['base_kib'] / 1024:.1f} MiB; records built "
-                  f"{built:.2f} KiB/master; built + probed (pool of open connections included) "
-                  f"{mem['after_kib'] / 1024:.1f} MiB = {per:.2f} KiB/master; after one render "
-                  f"{mem['rendered_kib'] / 1024:.1f} MiB")
+            print(
+                f"memory {n:>6} masters: base {mem['base_kib'] / 1024:.1f} MiB; records built "
+                f"{built:.2f} KiB/master; built + probed (pool of open connections included) "
+                f"{mem['after_kib'] / 1024:.1f} MiB = {per:.2f} KiB/master; after one render "
+                f"{mem['rendered_kib'] / 1024:.1f} MiB"
+            )
     finally:
         target.terminate()
         target.wait(5)

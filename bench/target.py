@@ -9,9 +9,15 @@ from __future__ import annotations
 import asyncio
 import sys
 
-BODY = b'{"status":"ok","queue_length":3,"active_messages":1,"cpu_percent":12.5,"memory_percent":40}'
-RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-            + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+BODY = (
+    b'{"status":"ok","queue_length":3,"active_messages":1,"cpu_percent":12.5,"memory_percent":40}'
+)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(BODY)).encode()
+    + b"\r\n\r\n"
+    + BODY
+)
 
 
 class Health(asyncio.Protocol):
