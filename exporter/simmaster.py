@@ -22,7 +22,8 @@ from aiohttp import web
 log = logging.getLogger("exporter.simmaster")
 
 CHAOS_MODES = ("ok", "down", "hang", "slow", "error", "garbage")
-MAX_BODY = 1 << 20  # 1 MiB
+MAX_MESSAGE = 1 << 20  # 1 MiB per message
+MAX_BODY = 64 << 20  # state snapshots can be large
 HANG_SECONDS = 3600.0
 
 
@@ -106,6 +107,7 @@ class SimulatedMaster:
             "name": self.name,
             "region": self.region,
             "active": self.active,
+            "duties": self.duties,
         }
 
     # --- state -------------------------------------------------------------------------
@@ -122,18 +124,15 @@ class SimulatedMaster:
         return snap
 
     def import_snapshot(self, snap: dict) -> str:
-        """Store another master's snapshot under its name; idempotent by source."""
+        """Store another master's snapshot under its name, as received (so the answered
+        checksum is the snapshot's own); idempotent by source."""
         for key in ("master", "sessions", "pending_messages", "checksum"):
             if key not in snap:
                 raise ValueError(f"snapshot lacks {key!r}")
         if snapshot_checksum(snap) != snap["checksum"]:
             raise ValueError("checksum does not match the snapshot")
-        stored = {
-            k: snap[k] for k in ("sessions", "pending_messages", "config", "imported") if k in snap
-        }
-        stored["checksum"] = snapshot_checksum(stored)
-        self.imported[snap["master"]] = stored
-        return stored["checksum"]
+        self.imported[snap["master"]] = snap
+        return snap["checksum"]
 
     def accept(self, message: dict) -> bool:
         """Take a message; False when its id was seen before (masters dedupe by id)."""
@@ -187,6 +186,8 @@ def create_app(master: SimulatedMaster) -> web.Application:
             return web.Response(text="<html>502 Bad Gateway</html> \x00garbage")
         elif mode == "down" and request.path != "/health":
             return _error(503, "master is down")
+        if request.path == "/messages" and (request.content_length or 0) > MAX_MESSAGE:
+            return _error(413, f"message larger than {MAX_MESSAGE} bytes")
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
@@ -241,6 +242,7 @@ def create_app(master: SimulatedMaster) -> web.Application:
         if taken:
             if str(taken) in master.duties:
                 master.duties.remove(str(taken))
+            master.active = bool(master.duties)  # nothing left to serve: back to standby
         else:
             master.active = False
             master.duties = []

@@ -77,7 +77,7 @@ async def test_state_transfer_with_checksum(pair):
     imported = b_state["imported"]["master-a"]
     assert imported["sessions"] == snap["sessions"]
     assert [m["id"] for m in imported["pending_messages"]] == ["p1"]
-    assert imported["checksum"] == stored["checksum"]
+    assert imported["checksum"] == stored["checksum"] == snap["checksum"]
     tampered = dict(snap, sessions={})
     async with http.post(f"{ub}/state", json=tampered) as r:
         assert r.status == 400 and "checksum" in (await r.json())["error"]
@@ -93,7 +93,7 @@ async def test_activate_deactivate_and_fencing(pair):
     async with http.post(f"{ub}/messages", json={"id": "y"}) as r:
         assert r.status == 202
     async with http.post(f"{ub}/deactivate", json={"taken_over": "master-a"}) as r:
-        assert await r.json() == {"active": True, "duties": []}
+        assert await r.json() == {"active": False, "duties": []}  # nothing left: standby
     async with http.post(f"{ua}/deactivate") as r:
         assert (await r.json())["active"] is False
     async with http.post(f"{ua}/messages", json={"id": "z"}) as r:
