@@ -100,7 +100,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_master(args: argparse.Namespace) -> int:
     from exporter.simmaster import serve_master
 
-    asyncio.run(serve_master(args.name, args.port, args.region, args.role, args.host))
+    asyncio.run(
+        serve_master(args.name, args.port, args.region, args.role, args.host, args.drain_rate)
+    )
     return 0
 
 
@@ -150,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     master.add_argument("--region", default="default")
     master.add_argument("--role", default="active", choices=["active", "standby"])
     master.add_argument("--host", default="127.0.0.1")
+    master.add_argument(
+        "--drain-rate", type=float, default=50.0, help="pending messages processed per second"
+    )
     master.set_defaults(func=cmd_master)
 
     check = sub.add_parser("check-config", help="validate a config file")

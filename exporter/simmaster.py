@@ -297,12 +297,16 @@ def create_app(master: SimulatedMaster) -> web.Application:
 
 
 async def serve_master(
-    name: str, port: int, region: str = "default", role: str = "active", host: str = "127.0.0.1"
+    name: str,
+    port: int,
+    region: str = "default",
+    role: str = "active",
+    host: str = "127.0.0.1",
+    drain_rate: float = 50.0,
 ) -> None:
     """Run one master until SIGTERM/SIGINT or cancellation, then close cleanly."""
-    runner = web.AppRunner(
-        create_app(SimulatedMaster(name, region, role)), access_log=None, shutdown_timeout=0.5
-    )
+    master = SimulatedMaster(name, region, role, drain_rate=drain_rate)
+    runner = web.AppRunner(create_app(master), access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     print(f"master {name} listening on http://{host}:{port} ({region}, {role})", flush=True)

@@ -39,8 +39,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     except ApiError as exc:
         return json_response({"error": str(exc)}, exc.status)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return json_response({"error": f"request body too large (limit {exc.max_size} bytes)"}, 413)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SERVICE].config.api.max_body_bytes
+        return json_response({"error": f"request body too large (limit {limit} bytes)"}, 413)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -47,10 +47,16 @@ class Proc:
 
 
 def start_master(
-    tmp: Path, name: str, port: int, region: str = "uae", role: str = "active"
+    tmp: Path,
+    name: str,
+    port: int,
+    region: str = "uae",
+    role: str = "active",
+    drain_rate: float = 50.0,
 ) -> Proc:
     return Proc(
-        ["master", "--name", name, "--port", str(port), "--region", region, "--role", role],
+        ["master", "--name", name, "--port", str(port), "--region", region, "--role", role,
+         "--drain-rate", str(drain_rate)],
         tmp / f"{name}.log",
     )
 
