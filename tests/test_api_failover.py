@@ -60,7 +60,7 @@ async def fleet(tmp_path):
 
 
 async def test_sigkilled_active_master_moves_to_best_standby_with_its_state(fleet):
-    masters, urls, exporter, base, http = fleet
+    masters, urls, _, base, http = fleet
     sent_at = time.time()
     for i in range(25):  # drain rate 0: they stay pending, as in a stalled bot account
         async with http.post(f"{urls['master-a']}/messages",
