@@ -90,7 +90,7 @@ def alert_payload(record: dict[str, Any], generator_url: str | None = None) -> l
             "master": str(record.get("master")),
             "backup": str(record.get("backup") or "none"),
             "result": str(record.get("result")),
-            "severity": "warning" if ok else "critical",
+            "severity": "info" if ok else "critical",  # as the HAFailover* alert rules
         },
         "annotations": {
             "summary": (f"master {record.get('master')} failed over to {record.get('backup')}"

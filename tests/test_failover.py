@@ -428,7 +428,7 @@ async def test_pre_hook_failure_aborts_and_post_hook_and_alertmanager(tmp_path):
             alert = next(b for p, b in got if p == "/api/v2/alerts")[0]
             assert alert["labels"] == {"alertname": "HAFailoverExecuted", "master": "a",
                                        "backup": "c", "result": "success",
-                                       "severity": "warning"}
+                                       "severity": "info"}
     finally:
         await runner.cleanup()
 

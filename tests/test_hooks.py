@@ -84,7 +84,7 @@ async def test_alertmanager_v2_post_received():
     (path1, alerts1), (path2, alerts2) = am.bodies
     assert path1 == path2 == "/api/v2/alerts"
     assert alerts1[0]["labels"] == {"alertname": "HAFailoverExecuted", "master": "a",
-                                    "backup": "c", "result": "success", "severity": "warning"}
+                                    "backup": "c", "result": "success", "severity": "info"}
     assert alerts1[0]["startsAt"] == "2023-11-14T22:13:20.000Z"
     assert alerts1[0]["endsAt"] > alerts1[0]["startsAt"]
     assert alerts2[0]["labels"]["alertname"] == "HAFailoverFailed"
