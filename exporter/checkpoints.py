@@ -40,24 +40,29 @@ class Checkpointer:
         try:
             snap = await self.client.get_state(rt.name, rt.config.url, timeout=timeout)
         except MasterCallError as exc:
-            self.errors[rt.name] = exc.reason
-            log.warning("checkpoint of %s failed: %s", rt.name, exc.reason,
-                        extra={"event": "checkpoint", "master": rt.name, "ok": False})
+            self._failed(rt.name, exc.reason)
             return False
         if snap.master not in (None, rt.name):
-            self.errors[rt.name] = f"snapshot names master {snap.master!r}"
-            log.warning("checkpoint of %s rejected: it is the state of %s", rt.name,
-                        snap.master, extra={"event": "checkpoint", "master": rt.name,
-                                            "ok": False})
+            self._failed(rt.name, f"snapshot is the state of {snap.master!r}")
             return False
         now = time.time()
         await self.store.asave_checkpoint(rt.name, now, snap.checksum, snap.raw)
         self.times[rt.name] = now
-        self.errors.pop(rt.name, None)
+        if self.errors.pop(rt.name, None) is not None:
+            log.info("checkpoints of %s work again", rt.name,
+                     extra={"event": "checkpoint", "master": rt.name, "ok": True})
         log.debug("checkpoint of %s: %d bytes, checksum %s", rt.name, snap.size,
                   snap.checksum[:12], extra={"event": "checkpoint", "master": rt.name,
                                              "ok": True, "bytes": snap.size})
         return True
+
+    def _failed(self, name: str, reason: str) -> None:
+        """Log a failure when it starts or its reason changes, not on every round: at
+        10,000 masters a per-round line each would drown the log."""
+        if self.errors.get(name) != reason:
+            log.warning("checkpoint of %s failed: %s (logged again only if the reason changes)",
+                        name, reason, extra={"event": "checkpoint", "master": name, "ok": False})
+        self.errors[name] = reason
 
     async def round(self, masters: Iterable[MasterRuntime], timeout: float,
                     skip: Callable[[str], bool] = lambda _name: False) -> dict[str, bool]:
