@@ -51,7 +51,7 @@ async def _act(call: Callable[[], Awaitable[Any]]) -> Any:
 async def failovers(request: web.Request) -> web.Response:
     limit, before, master = _page_args(request)
     store = service_of(request).store
-    rows = store.list_failovers(limit=limit + 1, before=before, master=master)
+    rows = store.list_failovers(limit=limit + 1, before=before, master=master, brief=True)
     return json_response(_page(rows, limit, store.count_failovers(master)))
 
 

@@ -129,6 +129,7 @@ class MasterConfig(_Strict):
     role: Literal["active", "standby"] = "active"
     weight: float = Field(default=1.0, ge=0)
     failover: Literal["allow", "never"] = "allow"
+    failover_regions: list[str] = []  # regions allowed to back this master up; [] = any
 
     @field_validator("url")
     @classmethod

@@ -459,7 +459,7 @@ class FailoverManager:
             busy.setdefault(name, "being failed away from")
         for name in exclude:
             busy.setdefault(name, "source of this move")
-        regions = getattr(rt.config, "failover_regions", None) or None
+        regions = rt.config.failover_regions or None
         ranking = rank(rt, self.fleet, maintenance=self.maintenance, busy=busy,
                        allowed_regions=regions)
         if to is not None:

@@ -99,7 +99,7 @@ class Service:
         return "dry run" if self.config.failover.dry_run else "automatic"
 
     def recent_failovers(self, limit: int) -> list[dict]:
-        return self.store.list_failovers(limit=limit)
+        return self.store.list_failovers(limit=limit, brief=True)
 
     def _checkpoint_ages(self, now: float) -> dict[str, float]:
         return self.failover.checkpoint_ages(now) if self.failover else {}

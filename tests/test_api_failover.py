@@ -96,6 +96,7 @@ async def test_sigkilled_active_master_moves_to_best_standby_with_its_state(flee
     record = history["items"][0]
     assert (record["master"], record["backup"], record["result"]) == \
         ("master-a", "master-c", "success")
+    record = await get_json(http, f"{base}/api/v1/failovers/{record['id']}")  # full record
     steps = [s["step"] for s in record["steps"]]
     assert steps.index("import") < steps.index("verify") < steps.index("activate")
     reasons = {c["name"]: c for c in record["candidates"]}
