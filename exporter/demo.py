@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from exporter.config import Config, format_duration, parse_config, parse_duration
+from exporter.service import Service
 from exporter.simmaster import SimulatedMaster, create_app
 
 log = logging.getLogger("exporter.demo")
@@ -84,22 +85,28 @@ async def _start_master(name: str, region: str, role: str, port: int) -> web.App
 
 
 async def _chaos(
-    session: aiohttp.ClientSession, cfg: Config, every: float, stop: asyncio.Event
+    session: aiohttp.ClientSession, service: Service, every: float, stop: asyncio.Event
 ) -> None:
-    """Take one currently active master down, wait, heal it; repeat until stopped."""
+    """Take one currently active master down, keep it down long enough to be detected and
+    failed over, heal it; repeat until stopped."""
     rng = random.Random()
+    probe = service.config.probe
+    detect = probe.failure_threshold * probe.interval * (1 + probe.jitter) + probe.timeout
+    down_for = max(every / 2, detect + 2 * probe.interval)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
-        if stop.is_set():
+        active = [rt for rt in service.fleet if rt.role == "active"]
+        if stop.is_set() or not active:
             return
-        victim = rng.choice([m for m in cfg.masters if m.role == "active"])
-        log.warning("chaos: taking %s down", victim.name, extra={"event": "chaos"})
-        await _set_mode(session, victim.url, "down")
+        victim = rng.choice(active)
+        log.warning("chaos: taking %s down for %.1fs", victim.name, down_for,
+                    extra={"event": "chaos"})
+        await _set_mode(session, victim.config.url, "down")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), every / 2)
+            await asyncio.wait_for(stop.wait(), down_for)
         log.warning("chaos: healing %s", victim.name, extra={"event": "chaos"})
-        await _set_mode(session, victim.url, "ok")
+        await _set_mode(session, victim.config.url, "ok")
 
 
 async def _set_mode(session: aiohttp.ClientSession, url: str, mode: str) -> None:
@@ -111,8 +118,6 @@ async def _set_mode(session: aiohttp.ClientSession, url: str, mode: str) -> None
 
 
 async def run_demo(args: argparse.Namespace) -> None:
-    from exporter.service import Service
-
     state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="ha-"))
     state_dir.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(args.port, args.master_port, args.interval, state_dir)
@@ -149,7 +154,7 @@ Ctrl-C stops everything.
     tasks = []
     async with aiohttp.ClientSession() as session:
         if args.chaos:
-            tasks.append(asyncio.create_task(_chaos(session, cfg, args.chaos_every, stop)))
+            tasks.append(asyncio.create_task(_chaos(session, service, args.chaos_every, stop)))
         if args.duration:
             loop.call_later(args.duration, stop.set)
         await stop.wait()
