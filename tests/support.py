@@ -7,8 +7,9 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import aiohttp
 from aiohttp import web
 
 T = TypeVar("T")
@@ -53,3 +54,25 @@ async def serve_app(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
+    async with http.get(url) as r:
+        return await r.json()
+
+
+async def metric_value(http: aiohttp.ClientSession, base: str, series: str) -> float | None:
+    """The value of one exact series (name plus labels as rendered) on the exporter's /metrics."""
+    async with http.get(f"{base}/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def wait_ready(http: aiohttp.ClientSession, base: str, timeout: float = 15) -> None:
+    async def ready() -> bool:
+        async with http.get(f"{base}/readyz") as r:
+            return r.status == 200
+
+    await wait_for(ready, timeout, f"readiness of {base}")

@@ -9,38 +9,39 @@ import aiohttp
 import pytest
 
 from tests.processes import TOKEN, start_exporter, start_master, write_config
-from tests.support import free_port, wait_for
+from tests.support import free_port, get_json, metric_value, wait_for, wait_ready
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 INTERVAL, TIMEOUT, THRESHOLD = 0.5, 0.3, 3
-
-
-async def get_json(http: aiohttp.ClientSession, url: str) -> dict:
-    async with http.get(url) as r:
-        return await r.json()
-
-
-async def gauge(http: aiohttp.ClientSession, base: str, line_prefix: str) -> float | None:
-    async with http.get(f"{base}/metrics") as r:
-        for line in (await r.text()).splitlines():
-            if line.startswith(line_prefix + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 @pytest.fixture
 async def fleet(tmp_path):
     """master-a active (uae), master-b active (usa), master-c standby (uae), master-d standby
     (usa, priority 4): the same-region standby with the better priority must win."""
-    specs = [("master-a", "uae", "active", 1), ("master-b", "usa", "active", 2),
-             ("master-c", "uae", "standby", 3), ("master-d", "usa", "standby", 4)]
+    specs = [
+        ("master-a", "uae", "active", 1),
+        ("master-b", "usa", "active", 2),
+        ("master-c", "uae", "standby", 3),
+        ("master-d", "usa", "standby", 4),
+    ]
     ports = {name: free_port() for name, *_ in specs}
-    masters = {name: start_master(tmp_path, name, ports[name], region, role, drain_rate=0.0)
-               for name, region, role, _ in specs}
+    masters = {
+        name: start_master(tmp_path, name, ports[name], region, role, drain_rate=0.0)
+        for name, region, role, _ in specs
+    }
     config = write_config(
         tmp_path,
-        [{"name": n, "url": f"http://127.0.0.1:{ports[n]}", "region": r, "role": role,
-          "priority": p} for n, r, role, p in specs],
+        [
+            {
+                "name": n,
+                "url": f"http://127.0.0.1:{ports[n]}",
+                "region": r,
+                "role": role,
+                "priority": p,
+            }
+            for n, r, role, p in specs
+        ],
         failover={"enabled": True, "cooldown": "30s", "checkpoint_interval": "300ms"},
         api={"token_env": "HA_TEST_TOKEN", "max_body_bytes": 2048},
     )
@@ -48,10 +49,7 @@ async def fleet(tmp_path):
     urls = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
     try:
         async with aiohttp.ClientSession() as http:
-            async def ready() -> bool:
-                async with http.get(f"{base}/readyz") as r:
-                    return r.status == 200
-            await wait_for(ready, 15, "exporter readiness")
+            await wait_ready(http, base)
             yield masters, urls, exporter, base, http
     finally:
         exporter.stop()
@@ -63,14 +61,16 @@ async def test_sigkilled_active_master_moves_to_best_standby_with_its_state(flee
     masters, urls, _, base, http = fleet
     sent_at = time.time()
     for i in range(25):  # drain rate 0: they stay pending, as in a stalled bot account
-        async with http.post(f"{urls['master-a']}/messages",
-                             json={"id": f"pre-{i}", "chat": f"+97150000{i:04d}"}) as r:
+        async with http.post(
+            f"{urls['master-a']}/messages", json={"id": f"pre-{i}", "chat": f"+97150000{i:04d}"}
+        ) as r:
             assert r.status == 202
     checkpoint_age = 'ha_master_checkpoint_age_seconds{master="master-a"}'
 
     async def checkpointed_after_send() -> bool:
-        age = await gauge(http, base, checkpoint_age)
+        age = await metric_value(http, base, checkpoint_age)
         return age is not None and time.time() - age > sent_at
+
     await wait_for(checkpointed_after_send, 10, "a checkpoint of master-a taken after the sends")
 
     masters["master-a"].kill(signal.SIGKILL)
@@ -79,6 +79,7 @@ async def test_sigkilled_active_master_moves_to_best_standby_with_its_state(flee
     async def c_took_over() -> bool:
         h = await get_json(http, f"{urls['master-c']}/health")
         return h["active"] and "master-a" in h["duties"]
+
     bound = THRESHOLD * INTERVAL + TIMEOUT + INTERVAL  # detection bound + one interval
     await wait_for(c_took_over, bound + 10, "master-c to take over master-a's duties", poll=0.02)
     took = time.monotonic() - killed
@@ -94,8 +95,11 @@ async def test_sigkilled_active_master_moves_to_best_standby_with_its_state(flee
 
     history = await get_json(http, f"{base}/api/v1/failovers")
     record = history["items"][0]
-    assert (record["master"], record["backup"], record["result"]) == \
-        ("master-a", "master-c", "success")
+    assert (record["master"], record["backup"], record["result"]) == (
+        "master-a",
+        "master-c",
+        "success",
+    )
     record = await get_json(http, f"{base}/api/v1/failovers/{record['id']}")  # full record
     steps = [s["step"] for s in record["steps"]]
     assert steps.index("import") < steps.index("verify") < steps.index("activate")
@@ -104,8 +108,10 @@ async def test_sigkilled_active_master_moves_to_best_standby_with_its_state(flee
     for _ in range(200):
         route = await get_json(http, f"{base}/api/v1/route")
         assert route["master"] != "master-a"
-    assert await gauge(http, base,
-                       'ha_failovers_total{master="master-a",result="success"}') == 1
+    assert (
+        await metric_value(http, base, 'ha_failovers_total{master="master-a",result="success"}')
+        == 1
+    )
     audit = await get_json(http, f"{base}/api/v1/audit?limit=200")
     assert any(e["master"] == "master-a" for e in audit["items"])
 
@@ -136,8 +142,9 @@ async def test_api_errors_are_json_with_the_right_status(fleet):
 
 async def test_switchover_maintenance_reset_and_pause(fleet):
     _, urls, _, base, http = fleet
-    async with http.post(f"{base}/api/v1/failover", headers=AUTH,
-                         json={"from": "master-b", "to": "master-d"}) as r:
+    async with http.post(
+        f"{base}/api/v1/failover", headers=AUTH, json={"from": "master-b", "to": "master-d"}
+    ) as r:
         record = await r.json()
         assert r.status == 200 and record["result"] == "success", record
     b = await get_json(http, f"{urls['master-b']}/health")
@@ -146,21 +153,24 @@ async def test_switchover_maintenance_reset_and_pause(fleet):
 
     async with http.post(f"{base}/api/v1/failover/pause", headers=AUTH) as r:
         assert (await r.json())["paused"] is True
-    assert await gauge(http, base, "ha_failover_paused") == 1
+    assert await metric_value(http, base, "ha_failover_paused") == 1
     async with http.post(f"{base}/api/v1/failover/resume", headers=AUTH) as r:
         assert (await r.json())["paused"] is False
 
-    async with http.post(f"{base}/api/v1/masters/master-c/maintenance", headers=AUTH,
-                         json={"enabled": True}) as r:
+    async with http.post(
+        f"{base}/api/v1/masters/master-c/maintenance", headers=AUTH, json={"enabled": True}
+    ) as r:
         assert r.status == 200 and (await r.json())["maintenance"] is True
     one = await get_json(http, f"{base}/api/v1/masters/master-c")
     assert one["state"] == "maintenance"
-    async with http.post(f"{base}/api/v1/masters/master-c/maintenance", headers=AUTH,
-                         json={"enabled": False}) as r:
+    async with http.post(
+        f"{base}/api/v1/masters/master-c/maintenance", headers=AUTH, json={"enabled": False}
+    ) as r:
         assert r.status == 200
 
     async def serving_again() -> bool:
         return (await get_json(http, f"{base}/api/v1/masters/master-c"))["state"] == "healthy"
+
     await wait_for(serving_again, 10, "master-c healthy after maintenance")
     async with http.post(f"{base}/api/v1/masters/master-c/reset", headers=AUTH) as r:
         assert r.status == 200 and (await r.json())["master"] == "master-c"

@@ -12,22 +12,9 @@ import pytest
 
 from exporter.client import Client
 from tests.processes import TOKEN, start_exporter, start_master, write_config
-from tests.support import free_port, wait_for
+from tests.support import free_port, get_json, metric_value, wait_for, wait_ready
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-async def get_json(http: aiohttp.ClientSession, url: str) -> dict:
-    async with http.get(url) as r:
-        return await r.json()
-
-
-async def sample(http: aiohttp.ClientSession, base: str, prefix: str) -> float | None:
-    async with http.get(f"{base}/metrics") as r:
-        for line in (await r.text()).splitlines():
-            if line.startswith(prefix + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 class Stack:
@@ -37,21 +24,21 @@ class Stack:
         self.tmp, self.specs, self.sections = tmp, specs, sections
         self.ports = {name: free_port() for name, *_ in specs}
         self.urls = {n: f"http://127.0.0.1:{p}" for n, p in self.ports.items()}
-        self.masters = {n: start_master(tmp, n, self.ports[n], region, role)
-                        for n, region, role, _ in specs}
+        self.masters = {
+            n: start_master(tmp, n, self.ports[n], region, role) for n, region, role, _ in specs
+        }
         self.config = write_config(
             tmp,
-            [{"name": n, "url": self.urls[n], "region": r, "role": role, "priority": p}
-             for n, r, role, p in specs],
+            [
+                {"name": n, "url": self.urls[n], "region": r, "role": role, "priority": p}
+                for n, r, role, p in specs
+            ],
             **sections,
         )
         self.exporter, self.base = start_exporter(tmp, self.config)
 
     async def ready(self, http: aiohttp.ClientSession) -> None:
-        async def ok() -> bool:
-            async with http.get(f"{self.base}/readyz") as r:
-                return r.status == 200
-        await wait_for(ok, 15, "exporter readiness")
+        await wait_ready(http, self.base)
 
     def stop(self) -> None:
         self.exporter.stop()
@@ -59,20 +46,31 @@ class Stack:
             m.stop()
 
 
-FAST_PROBES = {"interval": "300ms", "timeout": "200ms", "failure_threshold": 2,
-               "recovery_threshold": 2}
+FAST_PROBES = {
+    "interval": "300ms",
+    "timeout": "200ms",
+    "failure_threshold": 2,
+    "recovery_threshold": 2,
+}
 
 
 async def test_zero_loss_across_a_real_failover(tmp_path):
     """5,000 messages through exporter.client while the active master-a is SIGKILLed."""
     stack = Stack(
         tmp_path,
-        [("master-a", "uae", "active", 1), ("master-b", "usa", "active", 2),
-         ("master-c", "uae", "standby", 3)],
+        [
+            ("master-a", "uae", "active", 1),
+            ("master-b", "usa", "active", 2),
+            ("master-c", "uae", "standby", 3),
+        ],
         probe=FAST_PROBES,
         failover={"enabled": True, "cooldown": "30s", "checkpoint_interval": "500ms"},
-        balancing={"strategy": "round_robin", "outlier_consecutive_failures": 2,
-                   "max_ejection_percent": "50%", "slow_start": "1s"},
+        balancing={
+            "strategy": "round_robin",
+            "outlier_consecutive_failures": 2,
+            "max_ejection_percent": "50%",
+            "slow_start": "1s",
+        },
     )
     total, kill_after, in_flight = 5000, 1000, 32
     acked: dict[str, str] = {}
@@ -82,8 +80,10 @@ async def test_zero_loss_across_a_real_failover(tmp_path):
             await stack.ready(http)
             killed_at: float | None = None
             sem = asyncio.Semaphore(in_flight)
-            async with Client(stack.base, token=TOKEN, attempts=10, backoff=0.05,
-                              max_backoff=0.3, timeout=2.0) as client:
+            async with Client(
+                stack.base, token=TOKEN, attempts=10, backoff=0.05, max_backoff=0.3, timeout=2.0
+            ) as client:
+
                 async def send(i: int) -> None:
                     nonlocal killed_at
                     async with sem:
@@ -103,8 +103,11 @@ async def test_zero_loss_across_a_real_failover(tmp_path):
 
             async def failed_over() -> dict | None:
                 items = (await get_json(http, f"{stack.base}/api/v1/failovers"))["items"]
-                return next((f for f in items if f["master"] == "master-a"
-                             and f["result"] == "success"), None)
+                return next(
+                    (f for f in items if f["master"] == "master-a" and f["result"] == "success"),
+                    None,
+                )
+
             record = await wait_for(failed_over, 10, "the failover of master-a")
             assert record["backup"] == "master-c"
             c_health = await get_json(http, f"{stack.urls['master-c']}/health")
@@ -127,11 +130,13 @@ async def test_zero_loss_across_a_real_failover(tmp_path):
     on_a = [mid for mid, m in acked.items() if m == "master-a"]
     missing = [mid for mid, m in acked.items() if m != "master-a" and m not in seen.get(mid, [])]
     duplicates = sum(len(v) > 1 for v in seen.values()) + sum(mid in seen for mid in on_a)
-    print(f"zero-loss: sent {total}, acknowledged {len(acked)}, lost {lost}, "
-          f"duplicates {duplicates}, acked by master-a {len(on_a)} "
-          f"({len(in_checkpoint & set(on_a))} still pending in its transferred checkpoint), "
-          f"kill -> failover {record['started'] - time.time() + time.monotonic() - killed_at:.2f}s"
-          f" after kill, {elapsed:.1f}s in all")
+    print(
+        f"zero-loss: sent {total}, acknowledged {len(acked)}, lost {lost}, "
+        f"duplicates {duplicates}, acked by master-a {len(on_a)} "
+        f"({len(in_checkpoint & set(on_a))} still pending in its transferred checkpoint), "
+        f"kill -> failover {record['started'] - time.time() + time.monotonic() - killed_at:.2f}s"
+        f" after kill, {elapsed:.1f}s in all"
+    )
     assert not failures, failures[:5]
     assert lost == 0
     assert not missing, missing[:5]  # every ack by a live master is in its own record
@@ -143,33 +148,43 @@ async def test_rebalancing_shifts_weight_and_restores_it(tmp_path):
         [("master-a", "uae", "active", 1), ("master-b", "uae", "active", 1)],
         probe=FAST_PROBES,
         failover={"enabled": False},
-        balancing={"strategy": "round_robin",
-                   "rebalance": {"imbalance_ratio": 2.0, "for": "1s", "step": "25%"}},
+        balancing={
+            "strategy": "round_robin",
+            "rebalance": {"imbalance_ratio": 2.0, "for": "1s", "step": "25%"},
+        },
     )
     weight = 'ha_master_routing_weight{master="master-a"}'
     try:
         async with aiohttp.ClientSession() as http:
             await stack.ready(http)
-            assert await sample(http, stack.base, weight) == 1.0
-            async with http.post(f"{stack.urls['master-a']}/chaos",
-                                 json={"mode": "ok", "queue_length": 900}) as r:
+            assert await metric_value(http, stack.base, weight) == 1.0
+            async with http.post(
+                f"{stack.urls['master-a']}/chaos", json={"mode": "ok", "queue_length": 900}
+            ) as r:
                 assert r.status == 200
             t0 = time.monotonic()
 
             async def shifted() -> bool:
-                return (await sample(http, stack.base, weight) or 1.0) < 1.0
+                return (await metric_value(http, stack.base, weight) or 1.0) < 1.0
+
             # for (1 s) + one evaluation (0.3 s) + probe and scrape slack
             await wait_for(shifted, 1.0 + 0.3 + 1.5, "master-a's weight to drop", poll=0.05)
             print(f"rebalance: weight shifted {time.monotonic() - t0:.2f}s after the backlog")
-            assert await sample(http, stack.base, 'ha_rebalances_total{reason="imbalance"}') >= 1
-            async with http.post(f"{stack.urls['master-a']}/chaos",
-                                 json={"mode": "ok", "queue_length": 0}) as r:
+            assert (
+                await metric_value(http, stack.base, 'ha_rebalances_total{reason="imbalance"}') >= 1
+            )
+            async with http.post(
+                f"{stack.urls['master-a']}/chaos", json={"mode": "ok", "queue_length": 0}
+            ) as r:
                 assert r.status == 200
 
             async def restored() -> bool:
-                return await sample(http, stack.base, weight) == 1.0
+                return await metric_value(http, stack.base, weight) == 1.0
+
             await wait_for(restored, 15, "master-a's weight to be restored")
-            assert await sample(http, stack.base, 'ha_rebalances_total{reason="restored"}') >= 1
+            assert (
+                await metric_value(http, stack.base, 'ha_rebalances_total{reason="restored"}') >= 1
+            )
             audit = await get_json(http, f"{stack.base}/api/v1/audit?master=master-a")
             actions = {e["action"] for e in audit["items"]}
             assert {"rebalance_imbalance", "rebalance_restored"} <= actions
@@ -196,10 +211,13 @@ async def pair(tmp_path):
 
 async def test_strategy_switch_persists_across_restart(pair):
     stack, http = pair
-    async with http.put(f"{stack.base}/api/v1/balancing/strategy", headers=AUTH,
-                        json={"strategy": "geo"}) as r:
-        assert r.status == 200 and (await r.json()) == {"strategy": "geo",
-                                                        "previous": "round_robin"}
+    async with http.put(
+        f"{stack.base}/api/v1/balancing/strategy", headers=AUTH, json={"strategy": "geo"}
+    ) as r:
+        assert r.status == 200 and (await r.json()) == {
+            "strategy": "geo",
+            "previous": "round_robin",
+        }
     route = await get_json(http, f"{stack.base}/api/v1/route?region=usa")
     assert route == {"master": "master-b", "url": stack.urls["master-b"], "strategy": "geo"}
     stack.exporter.kill(signal.SIGTERM)
@@ -218,10 +236,20 @@ async def test_route_api_errors(pair):
         ("GET", "/api/v1/route?region=mars", {}, None, 400),
         ("POST", "/api/v1/route/report", AUTH, {"master": "nobody", "ok": True}, 404),
         ("POST", "/api/v1/route/report", AUTH, {"master": "master-a", "ok": "yes"}, 400),
-        ("POST", "/api/v1/route/report", AUTH, {"master": "master-a", "ok": True,
-                                                 "latency_seconds": -1}, 400),
-        ("POST", "/api/v1/route/report", AUTH, {"master": "master-a", "ok": True,
-                                                 "pad": "x" * 2048}, 413),
+        (
+            "POST",
+            "/api/v1/route/report",
+            AUTH,
+            {"master": "master-a", "ok": True, "latency_seconds": -1},
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/route/report",
+            AUTH,
+            {"master": "master-a", "ok": True, "pad": "x" * 2048},
+            413,
+        ),
         ("POST", "/api/v1/route/report", {}, {"master": "master-a", "ok": True}, 401),
     ]
     for method, path, headers, body, status in cases:
@@ -236,5 +264,6 @@ async def test_route_api_errors(pair):
     async def unroutable() -> dict | None:
         async with http.get(f"{base}/api/v1/route") as r:
             return await r.json() if r.status == 503 else None
+
     body = await wait_for(unroutable, 10, "503 once every master failed")
     assert "failed" in body["error"]

@@ -12,15 +12,7 @@ import aiohttp
 import pytest
 
 from tests.processes import TOKEN, Proc, start_exporter, start_master, write_config
-from tests.support import free_port, wait_for
-
-
-async def metric(http: aiohttp.ClientSession, base: str, line_prefix: str) -> float | None:
-    async with http.get(f"{base}/metrics") as r:
-        for line in (await r.text()).splitlines():
-            if line.startswith(line_prefix + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return None
+from tests.support import free_port, metric_value, wait_for, wait_ready
 
 
 @pytest.fixture
@@ -52,12 +44,7 @@ async def fleet(tmp_path):
     procs = [*masters, exporter]
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def ready() -> bool:
-                async with http.get(f"{base}/readyz") as r:
-                    return r.status == 200
-
-            await wait_for(ready, 15, "exporter readiness")
+            await wait_ready(http, base)
             yield masters, exporter, base, config, http
     finally:
         for p in procs:
@@ -69,23 +56,25 @@ async def test_sigkilled_master_is_failed_on_metrics_within_the_bound(fleet):
     interval, timeout, threshold = 0.5, 0.3, 3
     bound = threshold * interval + timeout + interval
     failed = 'ha_master_state{master="master-a",state="failed"}'
-    assert await metric(http, base, failed) == 0
+    assert await metric_value(http, base, failed) == 0
     masters[0].kill(signal.SIGKILL)
     t0 = time.monotonic()
 
     async def is_failed() -> bool:
-        return await metric(http, base, failed) == 1
+        return await metric_value(http, base, failed) == 1
 
     await wait_for(is_failed, bound + 5, "master-a failed on /metrics", poll=0.02)
     took = time.monotonic() - t0
     assert took <= bound + 0.1, f"detected after {took:.2f}s, bound {bound:.2f}s"
     up = 'ha_master_up{master="master-a",region="uae",role="active"}'
-    assert await metric(http, base, up) == 0
+    assert await metric_value(http, base, up) == 0
     assert (
-        await metric(http, base, 'ha_master_probes_total{master="master-a",result="connect_error"}')
+        await metric_value(
+            http, base, 'ha_master_probes_total{master="master-a",result="connect_error"}'
+        )
         >= 3
     )
-    assert await metric(http, base, 'ha_master_state{master="master-b",state="healthy"}') == 1
+    assert await metric_value(http, base, 'ha_master_state{master="master-b",state="healthy"}') == 1
 
 
 async def test_sighup_reloads_and_sigterm_stops_cleanly(fleet):
@@ -97,7 +86,7 @@ async def test_sighup_reloads_and_sigterm_stops_cleanly(fleet):
         return "config reloaded" in exporter.output()
 
     await wait_for(reloaded, 5, "reload logged")
-    assert await metric(http, base, "ha_config_last_reload_success") == 1
+    assert await metric_value(http, base, "ha_config_last_reload_success") == 1
     t0 = time.monotonic()
     exporter.kill(signal.SIGTERM)
     code = await asyncio.to_thread(exporter.wait, 10)

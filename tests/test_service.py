@@ -10,7 +10,7 @@ from aiohttp import web
 
 from exporter.config import load_config
 from exporter.service import Service
-from tests.support import serve_app, wait_for
+from tests.support import serve_app, wait_for, wait_ready
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -47,11 +47,7 @@ async def test_reload_adds_removes_and_keeps_state_of_unchanged(tmp_path, caplog
         base = f"http://127.0.0.1:{svc.bound_port}"
         try:
 
-            async def ready() -> bool:
-                async with http.get(f"{base}/readyz") as r:
-                    return r.status == 200
-
-            await wait_for(ready, 5, "readiness")
+            await wait_ready(http, base, 5)
             await wait_for(lambda: sum(svc.fleet.get("a").result_counts) >= 3, 5, "probes of a")
             a_before = svc.fleet.get("a")
 
