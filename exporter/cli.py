@@ -14,16 +14,21 @@ import sys
 from pathlib import Path
 
 from exporter import __version__, logs
-from exporter.config import ConfigError, load_config, read_token, summary
+from exporter.config import Config, ConfigError, load_config, read_token, summary
 
 log = logging.getLogger("exporter.cli")
 SHUTDOWN_DEADLINE = 10.0
 
 
-def _print_errors(path: str, errors: list[str]) -> None:
-    print(f"{path}: {len(errors)} error(s)", file=sys.stderr)
-    for err in errors:
-        print(f"  {err}", file=sys.stderr)
+def _load(path: str) -> Config | None:
+    """The validated config, or None after printing every error with its key path."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return None
 
 
 async def serve_until_signalled(
@@ -52,11 +57,13 @@ async def serve_until_signalled(
 def cmd_run(args: argparse.Namespace) -> int:
     from exporter.service import Service
 
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
     try:
-        cfg = load_config(args.config)
         token = read_token(cfg.api)
     except ConfigError as exc:
-        _print_errors(args.config, exc.errors)
+        print("\n".join(exc.errors), file=sys.stderr)
         return 2
     if token is None and not args.insecure_no_auth:
         source = f"${cfg.api.token_env}" if cfg.api.token_env else "api.token_file"
@@ -75,10 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.path)
-    except ConfigError as exc:
-        _print_errors(args.path, exc.errors)
+    cfg = _load(args.path)
+    if cfg is None:
         return 2
     print(summary(cfg))
     return 0
@@ -87,10 +92,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from exporter.rules import render
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        _print_errors(args.config, exc.errors)
+    cfg = _load(args.config)
+    if cfg is None:
         return 2
     for path in render(cfg, Path(args.out)):
         print(path)
