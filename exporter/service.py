@@ -1,7 +1,8 @@
 """The running exporter: wires config, fleet, probes, health events, routing, failover, web.
 
 One asyncio loop owns everything, so components talk by plain calls and the EventBus; the
-only shared mutable state is the fleet records, written by the probe handler alone.
+only shared mutable state is the fleet records: the probe handler writes their figures and
+health, failover writes their roles, and everything else only reads them.
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ class Service:
         host = host or self.config.listen.host
         site = web.TCPSite(self.runner, host, self.config.listen.port if port is None else port)
         await site.start()
-        server = site._server
+        server = site._server  # the only way to learn an ephemeral port (port=0 in tests)
         sockets = getattr(server, "sockets", None) or []
         self.bound_port = sockets[0].getsockname()[1] if sockets else port
         log.info(
