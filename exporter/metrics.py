@@ -288,7 +288,6 @@ class ExporterMetrics:
         self.rebalances = Counter(
             "ha_rebalances_total", "Weight shifts by reason.", ["reason"], registry=r
         )
-        self.probe_rounds = Counter("ha_probe_rounds_total", "Probe rounds scheduled.", registry=r)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """Body and content type for a scrape, OpenMetrics when the Accept header asks."""
