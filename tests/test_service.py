@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import aiohttp
+import pytest
 import yaml
 from aiohttp import web
 
@@ -38,70 +39,67 @@ def write_config(path, url: str, names: list[str], **probe) -> None:
     )
 
 
-async def test_reload_adds_removes_and_keeps_state_of_unchanged(tmp_path, caplog):
+@pytest.fixture
+async def running(tmp_path):
+    """A started Service over masters a and b, its config file, base URL and a client."""
     cfg_path = tmp_path / "config.yml"
     async with serve_app(ok_app()) as url, aiohttp.ClientSession() as http:
         write_config(cfg_path, url, ["a", "b"])
         svc = Service(load_config(cfg_path), cfg_path, token=TOKEN)
         await svc.start(port=0)
-        base = f"http://127.0.0.1:{svc.bound_port}"
         try:
-
-            await wait_ready(http, base, 5)
-            await wait_for(lambda: sum(svc.fleet.get("a").result_counts) >= 3, 5, "probes of a")
-            a_before = svc.fleet.get("a")
-
-            write_config(cfg_path, url, ["a", "c"])
-            async with http.post(f"{base}/-/reload") as r:
-                assert r.status == 401
-                assert (await r.json())["error"] == "missing or invalid bearer token"
-            async with http.post(f"{base}/-/reload", headers=AUTH) as r:
-                assert r.status == 200, await r.text()
-            assert [rt.name for rt in svc.fleet] == ["a", "c"]
-            assert svc.fleet.get("a") is a_before  # same record: counters kept
-            assert sum(a_before.result_counts) >= 3
-            await wait_for(lambda: sum(svc.fleet.get("c").result_counts) >= 1, 5, "probe of c")
-
-            cfg_path.write_text(cfg_path.read_text().replace("200ms", "2 fortnights"))
-            with caplog.at_level(logging.ERROR, logger="exporter.service"):
-                async with http.post(f"{base}/-/reload", headers=AUTH) as r:
-                    body = await r.json()
-                    assert r.status == 400
-            assert any(e.startswith("probe.interval:") for e in body["errors"])
-            assert "probe.interval:" in caplog.text
-            assert svc.config.probe.interval == 0.2  # the running config is kept
-            async with http.get(f"{base}/metrics") as r:
-                assert "ha_config_last_reload_success 0.0" in await r.text()
-            n = sum(svc.fleet.get("c").result_counts)
-            await wait_for(
-                lambda: sum(svc.fleet.get("c").result_counts) > n,
-                5,
-                "probing to go on after a rejected reload",
-            )
+            yield svc, cfg_path, url, f"http://127.0.0.1:{svc.bound_port}", http
         finally:
             await svc.stop()
 
 
-async def test_api_lists_masters_and_404s_as_json(tmp_path):
-    cfg_path = tmp_path / "config.yml"
-    async with serve_app(ok_app()) as url, aiohttp.ClientSession() as http:
-        write_config(cfg_path, url, ["a", "b"])
-        svc = Service(load_config(cfg_path), cfg_path, token=TOKEN)
-        await svc.start(port=0)
-        base = f"http://127.0.0.1:{svc.bound_port}"
-        try:
-            await wait_for(lambda: svc.ready, 5, "readiness")
-            async with http.get(f"{base}/api/v1/masters") as r:
-                names = [m["name"] for m in (await r.json())["masters"]]
-            assert names == ["a", "b"]
-            async with http.get(f"{base}/api/v1/masters/a") as r:
-                one = await r.json()
-            assert one["state"] == "healthy" and one["url"] == f"{url}/a" and one["up"] is True
-            async with http.get(f"{base}/api/v1/masters/zzz") as r:
-                assert r.status == 404 and "zzz" in (await r.json())["error"]
-            async with http.get(f"{base}/no/such/path") as r:
-                assert r.status == 404 and "error" in await r.json()
-            async with http.get(f"{base}/healthz") as r:
-                assert r.status == 200
-        finally:
-            await svc.stop()
+async def test_reload_adds_removes_and_keeps_state_of_unchanged(running, caplog):
+    svc, cfg_path, url, base, http = running
+    await wait_ready(http, base, 5)
+    await wait_for(lambda: sum(svc.fleet.get("a").result_counts) >= 3, 5, "probes of a")
+    a_before = svc.fleet.get("a")
+
+    write_config(cfg_path, url, ["a", "c"])
+    async with http.post(f"{base}/-/reload") as r:
+        assert r.status == 401
+        assert (await r.json())["error"] == "missing or invalid bearer token"
+    async with http.post(f"{base}/-/reload", headers=AUTH) as r:
+        assert r.status == 200, await r.text()
+    assert [rt.name for rt in svc.fleet] == ["a", "c"]
+    assert svc.fleet.get("a") is a_before  # same record: counters kept
+    assert sum(a_before.result_counts) >= 3
+    await wait_for(lambda: sum(svc.fleet.get("c").result_counts) >= 1, 5, "probe of c")
+
+    cfg_path.write_text(cfg_path.read_text().replace("200ms", "2 fortnights"))
+    with caplog.at_level(logging.ERROR, logger="exporter.service"):
+        async with http.post(f"{base}/-/reload", headers=AUTH) as r:
+            body = await r.json()
+            assert r.status == 400
+    assert any(e.startswith("probe.interval:") for e in body["errors"])
+    assert "probe.interval:" in caplog.text
+    assert svc.config.probe.interval == 0.2  # the running config is kept
+    async with http.get(f"{base}/metrics") as r:
+        assert "ha_config_last_reload_success 0.0" in await r.text()
+    n = sum(svc.fleet.get("c").result_counts)
+    await wait_for(
+        lambda: sum(svc.fleet.get("c").result_counts) > n,
+        5,
+        "probing to go on after a rejected reload",
+    )
+
+
+async def test_api_lists_masters_and_404s_as_json(running):
+    svc, _, url, base, http = running
+    await wait_for(lambda: svc.ready, 5, "readiness")
+    async with http.get(f"{base}/api/v1/masters") as r:
+        names = [m["name"] for m in (await r.json())["masters"]]
+    assert names == ["a", "b"]
+    async with http.get(f"{base}/api/v1/masters/a") as r:
+        one = await r.json()
+    assert one["state"] == "healthy" and one["url"] == f"{url}/a" and one["up"] is True
+    async with http.get(f"{base}/api/v1/masters/zzz") as r:
+        assert r.status == 404 and "zzz" in (await r.json())["error"]
+    async with http.get(f"{base}/no/such/path") as r:
+        assert r.status == 404 and "error" in await r.json()
+    async with http.get(f"{base}/healthz") as r:
+        assert r.status == 200

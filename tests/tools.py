@@ -104,7 +104,7 @@ def require_binary(name: str, *alternatives: str) -> str:
     message = f"{name} not found on PATH (Debian package {package!r})"
     if in_ci():
         pytest.fail(f"{message}: required when CI=true", pytrace=False)
-    pytest.skip(f"{message}; install it to run this test")
+    pytest.skip(f"{message}; install it to run this test (under CI=true this fails instead)")
     raise AssertionError("unreachable")  # pytest.skip raises
 
 
