@@ -105,7 +105,7 @@ def require_binary(name: str, *alternatives: str) -> str:
     if in_ci():
         pytest.fail(f"{message}: required when CI=true", pytrace=False)
     pytest.skip(f"{message}; install it to run this test (under CI=true this fails instead)")
-    raise AssertionError("unreachable")  # pytest.skip raises
+    raise AssertionError("unreachable")  # skip() raises
 
 
 def dashboard_paths() -> list[Path]:
