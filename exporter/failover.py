@@ -31,7 +31,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -42,88 +41,28 @@ from exporter.config import Config
 from exporter.fleet import Fleet, MasterRuntime
 from exporter.health import SERVING, State, Transition
 from exporter.masterclient import MasterCallError, MasterClient, Snapshot, parse_snapshot_async
+from exporter.moves import (
+    DURATION_BUCKETS,
+    EXECUTED,
+    RESULTS,
+    Aborted,
+    FailoverRejected,
+    FailoverStats,
+    Move,
+    RoutingCallback,
+    StepFailed,
+)
+from exporter.recovery import JournalRecovery
 from exporter.selection import Ranking, rank
 from exporter.store import Store
 
+__all__ = ["DURATION_BUCKETS", "EXECUTED", "RESULTS", "FailoverManager", "FailoverRejected",
+           "FailoverStats"]
+
 log = logging.getLogger("exporter.failover")
 
-RESULTS = ("success", "rolled_back", "failed", "skipped_cooldown", "dry_run")
-EXECUTED = ("success", "rolled_back", "failed")
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-RoutingCallback = Callable[[str, str | None], None]
-ResultListener = Callable[[str, str, float | None], None]
 
-
-class FailoverRejected(Exception):
-    """A request the API must refuse; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class StepFailed(Exception):
-    def __init__(self, step: str, reason: str) -> None:
-        super().__init__(f"{step}: {reason}")
-        self.step = step
-        self.reason = reason
-
-
-class Aborted(Exception):
-    """The move must stop now (deadline or shutdown): roll back, record rolled_back."""
-
-
-@dataclass
-class FailoverStats:
-    """What /metrics needs, kept as plain numbers (the lead's collector reads them) and pushed
-    to ``listeners(master, result, duration_or_None)`` for prometheus_client objects."""
-
-    results: dict[tuple[str, str], int] = field(default_factory=dict)
-    bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
-    duration_sum: float = 0.0
-    duration_count: int = 0
-    in_progress: int = 0
-    candidate_rollbacks: dict[str, int] = field(default_factory=dict)
-    listeners: list[ResultListener] = field(default_factory=list)
-
-    def record(self, master: str, result: str, duration: float | None) -> None:
-        self.results[(master, result)] = self.results.get((master, result), 0) + 1
-        if duration is not None:
-            self.duration_sum += duration
-            self.duration_count += 1
-            i = next((i for i, b in enumerate(DURATION_BUCKETS) if duration <= b),
-                     len(DURATION_BUCKETS))
-            self.bucket_counts[i] += 1
-        for fn in self.listeners:
-            try:
-                fn(master, result, duration)
-            except Exception:
-                log.exception("failover metrics listener failed")
-
-
-@dataclass
-class _Move:
-    id: int
-    kind: str
-    master: str  # whose duties move: the subject of the record
-    source: str  # where the state comes from
-    duties: list[str]
-    trigger: str
-    reason: str
-    actor: str
-    started: float
-    deadline: float  # monotonic
-    t0: float = field(default_factory=time.monotonic)
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    ranking: Ranking | None = None
-    backup: str | None = None
-    fenced: bool = False
-    abort: asyncio.Event = field(default_factory=asyncio.Event)
-    abort_reason: str = ""
-    unresponsive: set[str] = field(default_factory=set)
-
-
-class FailoverManager:
+class FailoverManager(JournalRecovery):
     """Owns failover decisions for one exporter; all methods run on the service's loop."""
 
     def __init__(self, config: Config, fleet: Fleet, store: Store,
@@ -143,7 +82,7 @@ class FailoverManager:
         self.maintenance: set[str] = set(store.maintenance())
         self._paused = store.paused()
         self._inflight: dict[str, asyncio.Task[dict[str, Any]]] = {}
-        self._moves: dict[int, _Move] = {}
+        self._moves: dict[int, Move] = {}
         self._busy: dict[str, str] = {}
         self._running = 0
         self._slot_free = asyncio.Condition()
@@ -318,7 +257,7 @@ class FailoverManager:
                 h = await self.client.health(name, rt.config.url)
                 if h.get("active"):
                     errors: list[str] = []
-                    move = _Move(0, "fence", name, name, [], "", "", "exporter", time.time(),
+                    move = Move(0, "fence", name, name, [], "", "", "exporter", time.time(),
                                  time.monotonic())
                     await self._undo(rt, "fence", None, move, errors)
                     log.warning("master %s came back active while %s holds its duty: fenced",
@@ -532,7 +471,7 @@ class FailoverManager:
         self._last_move[master] = now
         self._last_fleet_move = now
         fid = self.store.begin_failover(master, trigger, reason, now, kind)
-        move = _Move(fid, kind, master, source, duties, trigger, reason, actor, now,
+        move = Move(fid, kind, master, source, duties, trigger, reason, actor, now,
                      time.monotonic() + fo.deadline)
         self._moves[fid] = move
         self.stats.in_progress += 1
@@ -558,7 +497,7 @@ class FailoverManager:
         return self._finish(move, result, why)
 
     @contextlib.asynccontextmanager
-    async def _slot(self, move: _Move) -> Any:
+    async def _slot(self, move: Move) -> Any:
         """At most failover.max_concurrent moves fleet-wide; waiting counts against the
         move's deadline."""
         async with self._slot_free:
@@ -576,7 +515,7 @@ class FailoverManager:
                 self._running -= 1
                 self._slot_free.notify_all()
 
-    async def _run(self, move: _Move, to: str | None) -> tuple[str, str]:
+    async def _run(self, move: Move, to: str | None) -> tuple[str, str]:
         fo = self.config.failover
         # select
         t = time.perf_counter()
@@ -635,7 +574,7 @@ class FailoverManager:
         await self._unfence(move, src)
         return "failed", f"every candidate failed ({len(order)} tried)"
 
-    async def _try_candidate(self, move: _Move, cand: MasterRuntime,
+    async def _try_candidate(self, move: Move, cand: MasterRuntime,
                              snapshot: Snapshot | None) -> bool:
         """One candidate: True when it took over; on failure its steps are rolled back."""
         assert move.ranking is not None
@@ -660,7 +599,7 @@ class FailoverManager:
         move.backup = name
         return True
 
-    async def _fetch(self, move: _Move, src: MasterRuntime) -> Snapshot | None:
+    async def _fetch(self, move: Move, src: MasterRuntime) -> Snapshot | None:
         t = time.perf_counter()
         self.store.journal(move.id, "fetch", "begin")
         detail: dict[str, Any] = {"from": move.source}
@@ -694,7 +633,7 @@ class FailoverManager:
         self._step_done(move, "fetch", t, "ok" if snap is not None else "error", detail)
         return snap
 
-    async def _attempt(self, move: _Move, cand: MasterRuntime, snap: Snapshot | None) -> None:
+    async def _attempt(self, move: Move, cand: MasterRuntime, snap: Snapshot | None) -> None:
         url, name = cand.config.url, cand.name
         had = self.duties_of(name)  # journalled: recovery must know how to undo this candidate
         if snap is not None:
@@ -719,7 +658,7 @@ class FailoverManager:
         self._commit_routing(move, name)
         self._step_done(move, "routing", t, detail={"duties": move.duties}, backup=name)
 
-    def _commit_routing(self, move: _Move, holder: str) -> None:
+    def _commit_routing(self, move: Move, holder: str) -> None:
         self.store.move_duties(move.duties, holder, time.time(), move.id)
         for duty in move.duties:
             if duty == holder:
@@ -734,7 +673,7 @@ class FailoverManager:
                 log.exception("routing change callback failed")
 
     async def _undo(self, rt: MasterRuntime, action: str, arg: str | None,
-                    move: _Move, errors: list[str]) -> None:
+                    move: Move, errors: list[str]) -> None:
         """One undo call; if the master cannot be reached it is queued (store.cleanup) and
         retried by ``reconcile``, re-checked against the assignments of that time. After one
         timeout or connection failure in this move, further calls to that master are queued
@@ -761,7 +700,7 @@ class FailoverManager:
             if exc.status is None:  # timeout or no connection, not an HTTP answer
                 move.unresponsive.add(rt.name)
 
-    async def _rollback(self, move: _Move, cand: MasterRuntime, dropped: bool,
+    async def _rollback(self, move: Move, cand: MasterRuntime, dropped: bool,
                         had: list[str] | None = None) -> None:
         """Undo a candidate's steps in reverse: its activations (a candidate that held nothing
         before is fenced back to an inactive standby), then its import."""
@@ -780,7 +719,7 @@ class FailoverManager:
         self._step_done(move, "rollback", t, "error" if errors else "ok",
                         {"errors": errors} if errors else {}, cand.name)
 
-    async def _unfence(self, move: _Move, src: MasterRuntime) -> None:
+    async def _unfence(self, move: Move, src: MasterRuntime) -> None:
         """Nobody took over: hand the fenced master its duties back (status quo ante)."""
         if not move.fenced:
             return
@@ -790,7 +729,7 @@ class FailoverManager:
         self._step_done(move, "unfence", t, "error" if errors else "ok",
                         {"errors": errors} if errors else {}, None)
 
-    async def _release(self, move: _Move, src: MasterRuntime) -> None:
+    async def _release(self, move: Move, src: MasterRuntime) -> None:
         """Make-before-break: the old holder lets go only now that the new one is active; if
         it holds nothing any more it is fenced to an inactive standby."""
         t = time.perf_counter()
@@ -805,7 +744,7 @@ class FailoverManager:
         self._step_done(move, "release", t, "error" if errors else "ok",
                         {"errors": errors} if errors else {"master": src.name})
 
-    def _undo_timeout(self, move: _Move | None = None) -> float:
+    def _undo_timeout(self, move: Move | None = None) -> float:
         """Undo calls get the step timeout, but at most 1 s once the move was aborted (its
         deadline passed or the exporter is stopping): what does not land is queued."""
         late = self._stopping or (move is not None and (
@@ -813,7 +752,7 @@ class FailoverManager:
         return min(self.config.failover.step_timeout, 1.0 if late else 30.0)
 
     # --- steps: journal, bound, time, log ----------------------------------------------------
-    async def _bounded(self, move: _Move, call: Callable[[float], Awaitable[Any]],
+    async def _bounded(self, move: Move, call: Callable[[float], Awaitable[Any]],
                        timeout: float | None = None) -> Any:
         """Run ``call(timeout)`` bounded by the step timeout, the move's deadline and an
         abort (shutdown)."""
@@ -839,7 +778,7 @@ class FailoverManager:
             raise Aborted(move.abort_reason)
         raise MasterCallError("?", "step", f"timeout after {limit:g}s")
 
-    async def _step(self, move: _Move, step: str, backup: str | None,
+    async def _step(self, move: Move, step: str, backup: str | None,
                     call: Callable[[float], Awaitable[Any]], timeout: float | None = None,
                     detail: dict[str, Any] | None = None) -> Any:
         self.store.journal(move.id, step, "begin", backup, detail)
@@ -857,7 +796,7 @@ class FailoverManager:
         self._step_done(move, step, t, detail=detail, backup=backup)
         return out
 
-    def _step_done(self, move: _Move, step: str, t: float, status: str = "ok",
+    def _step_done(self, move: Move, step: str, t: float, status: str = "ok",
                    detail: dict[str, Any] | None = None, backup: str | None = None) -> None:
         took = time.perf_counter() - t
         entry = {"step": step, "status": status, "backup": backup,
@@ -871,12 +810,12 @@ class FailoverManager:
                        "duration_seconds": round(took, 6),
                        **({"error": detail["error"]} if detail and "error" in detail else {})})
 
-    def _abort(self, move: _Move, reason: str) -> None:
+    def _abort(self, move: Move, reason: str) -> None:
         move.abort_reason = reason
         move.abort.set()
 
     # --- finishing ---------------------------------------------------------------------------
-    def _finish(self, move: _Move, result: str, why: str) -> dict[str, Any]:
+    def _finish(self, move: Move, result: str, why: str) -> dict[str, Any]:
         duration = time.monotonic() - move.t0
         candidates = move.ranking.candidates if move.ranking else []
         self.store.finish_failover(move.id, result, move.backup, time.time(), duration,
@@ -895,7 +834,7 @@ class FailoverManager:
         self._notify(record)
         return record
 
-    def _hook_context(self, move: _Move, phase: str, backup: str | None,
+    def _hook_context(self, move: Move, phase: str, backup: str | None,
                       result: str | None) -> dict[str, Any]:
         return {"phase": phase, "id": move.id, "kind": move.kind, "master": move.master,
                 "backup": backup, "result": result, "trigger": move.trigger,
@@ -978,7 +917,7 @@ class FailoverManager:
             }.get(action, False)
             if still_needed:
                 errors: list[str] = []
-                move = _Move(int(item["failover_id"] or 0), "cleanup", name, name, [], "", "",
+                move = Move(int(item["failover_id"] or 0), "cleanup", name, name, [], "", "",
                              "exporter", time.time(), time.monotonic())
                 self.store.cleanup_done(item["id"])  # _undo re-queues it if it fails again
                 await self._undo(rt, action, arg, move, errors)
@@ -988,147 +927,3 @@ class FailoverManager:
                 self.store.cleanup_done(item["id"])
             log.info("queued %s on %s %s", action, name, "done" if still_needed else "obsolete",
                      extra={"event": "failover_cleanup", "master": name, "action": action})
-
-    # --- crash recovery ----------------------------------------------------------------------
-    async def recover_journal(self) -> list[dict[str, Any]]:
-        """Close every move a crash left open, exactly once, deciding from the masters' own
-        state, not from the journal alone:
-
-        * routing was reached (journal) → complete: commit the routing the crash interrupted;
-        * the backup's own GET /state holds the verified import (checksum from the journal),
-          or no state was to be moved, and the source is no longer an active server (its
-          /health does not answer, or answers ``active: false``) → roll forward: fence the
-          source, activate the backup (idempotent), commit → success;
-        * anything else → roll back the backup (fence or release, drop the import) and
-          un-fence the source → rolled_back.
-
-        Every action is idempotent and journalled first, so a crash during recovery is
-        recovered the same way; the row is closed in one transaction with its final entry, so
-        it is never recovered twice.
-        """
-        out = []
-        for row in self.store.unfinished_failovers():
-            try:
-                out.append(await self._recover(row))
-            except Exception:
-                log.exception("recovery of failover #%s failed; closing it as failed",
-                              row["id"])
-                self.store.finish_failover(row["id"], "failed", None, time.time(), 0.0,
-                                           row["steps"], row["candidates"],
-                                           f"{row['reason']}; recovery crashed")
-                self.stats.record(row["master"], "failed", None)
-        return out
-
-    async def _recover(self, row: dict[str, Any]) -> dict[str, Any]:
-        fid, master = int(row["id"]), str(row["master"])
-        entries = self.store.journal_entries(fid)
-        plan = next((e["detail"] for e in entries if e["step"] == "plan"), {})
-        kind = row.get("kind") or "failover"
-        move = _Move(fid, kind, master, plan.get("source") or master,
-                     list(plan.get("duties") or [master]), row["trigger"], row["reason"],
-                     "exporter", float(row["started"]),
-                     time.monotonic() + self.config.failover.deadline)
-        move.steps = [{"step": "recover", "status": "ok", "backup": None, "duration": 0.0,
-                       "detail": {"journal": [f"{e['step']}:{e['status']}"
-                                              + (f"@{e['backup']}" if e["backup"] else "")
-                                              for e in entries]}}]
-        self.store.journal(fid, "recover", "begin")
-        log.warning("recovering interrupted %s #%d of %s", kind, fid, master,
-                    extra={"event": "failover_recover", "failover_id": fid, "master": master})
-        attempted: dict[str, dict[str, Any]] = {}  # backup -> what the journal says
-        for e in entries:
-            b = e["backup"]
-            if not b or e["step"] not in ("import", "verify", "activate", "routing",
-                                          "rollback"):
-                continue
-            info = attempted.setdefault(b, {"accept": None, "had": None, "routing": False,
-                                            "rolled": False})
-            if e["step"] == "import":
-                info["accept"] = set(e["detail"].get("accept") or [])
-            if "had" in e["detail"]:
-                info["had"] = list(e["detail"]["had"])
-            info["routing"] |= e["step"] == "routing"
-            info["rolled"] |= e["step"] == "rollback" and e["status"] == "done"
-        move.fenced = kind == "failover" and any(e["step"] == "fence" for e in entries)
-        src = self.fleet.get(move.source)
-        names = list(attempted)
-        for b in names[:-1]:  # an earlier candidate whose rollback was cut short
-            rt, info = self.fleet.get(b), attempted[b]
-            if rt is not None and not info["rolled"]:
-                await self._rollback(move, rt, info["accept"] is not None, info["had"] or [])
-        last = names[-1] if names and not attempted[names[-1]]["rolled"] else None
-        cand = self.fleet.get(last) if last else None
-        if cand is not None:
-            info = attempted[cand.name]
-            outcome = await self._complete(move, cand, src, info) if src is not None else None
-            if outcome is not None:
-                return outcome
-            await self._rollback(move, cand, info["accept"] is not None, info["had"] or [])
-        if src is not None:
-            await self._unfence(move, src)
-        return self._finish(move, "rolled_back", "rolled back by journal recovery")
-
-    async def _complete(self, move: _Move, cand: MasterRuntime, src: MasterRuntime,
-                        info: dict[str, Any]) -> dict[str, Any] | None:
-        """Complete or roll forward an interrupted move if the masters' state allows it;
-        None means: roll it back."""
-        if info["routing"]:
-            self._commit_routing(move, cand.name)
-            move.backup = cand.name
-            await self._settle_source(move, src)
-            return self._finish(move, "success", "completed by journal recovery")
-        imported = await self._imported_checksum(cand, move.source)
-        state_ok = info["accept"] is None or imported in info["accept"]
-        if not state_ok or await self._active_server(src, move.kind):
-            return None
-        try:
-            if move.kind == "failover":
-                await self._fence_now(move, src)
-            for duty in move.duties:
-                await self._step(move, "activate", cand.name,
-                                 lambda tt, d=duty: self.client.activate(
-                                     cand.name, cand.config.url,
-                                     None if d == cand.name else d, timeout=tt),
-                                 detail={"duty": duty, "had": info["had"]})
-        except (StepFailed, Aborted) as exc:
-            move.steps.append({"step": "recover", "status": "error", "backup": None,
-                               "duration": 0.0, "detail": {"error": str(exc)}})
-            return None
-        self.store.journal(move.id, "routing", "begin", cand.name)
-        self._commit_routing(move, cand.name)
-        move.backup = cand.name
-        if move.kind != "failover":
-            await self._release(move, src)
-        return self._finish(move, "success", "rolled forward by journal recovery")
-
-    async def _settle_source(self, move: _Move, src: MasterRuntime) -> None:
-        """After a recovered move commits: a failed master is fenced (or queued), a graceful
-        source is released."""
-        if move.kind == "failover":
-            await self._fence_now(move, src)
-        else:
-            await self._release(move, src)
-
-    async def _fence_now(self, move: _Move, src: MasterRuntime) -> None:
-        await self._undo(src, "fence", None, move, [])
-
-    async def _active_server(self, rt: MasterRuntime, kind: str) -> bool:
-        """Whether the source still actively serves (a failover must not roll forward past a
-        live, unfenced master). A graceful source is expected alive: it is released after."""
-        if kind != "failover":
-            return False
-        try:
-            h = await self.client.health(rt.name, rt.config.url, timeout=self._undo_timeout())
-        except MasterCallError:
-            return False
-        return h.get("status") in ("ok", "degraded") and h.get("active") is not False
-
-    async def _imported_checksum(self, rt: MasterRuntime, source: str) -> str | None:
-        """The checksum of ``source``'s snapshot as imported, from the backup's own /state."""
-        try:
-            s = await self.client.state_json(rt.name, rt.config.url,
-                                             timeout=self.config.failover.step_timeout)
-        except MasterCallError:
-            return None
-        entry = (s.get("imported") or {}).get(source)
-        return entry.get("checksum") if isinstance(entry, dict) else None
