@@ -256,13 +256,7 @@ class FailoverManager(JournalRecovery):
             try:
                 h = await self.client.health(name, rt.config.url)
                 if h.get("active"):
-                    errors: list[str] = []
-                    move = Move(0, "fence", name, name, [], "", "", "exporter", time.time(),
-                                 time.monotonic())
-                    await self._undo(rt, "fence", None, move, errors)
-                    log.warning("master %s came back active while %s holds its duty: fenced",
-                                name, holder, extra={"event": "failover_fence_returning",
-                                                     "master": name, "holder": holder})
+                    await self._fence_returning(rt, holder)
             except MasterCallError:
                 pass
         if self.config.failover.failback == "auto" and self.automatic:
@@ -274,6 +268,18 @@ class FailoverManager(JournalRecovery):
                              {"reason": "inside cooldown", "holder": holder})
         log.info("master %s is back and stays standby (its duty is held by %s)", name, holder,
                  extra={"event": "recovered_as_standby", "master": name, "holder": holder})
+
+    async def _fence_returning(self, rt: MasterRuntime, holder: str) -> None:
+        """Fence a master that serves as active while ``holder`` has its duty: two active
+        masters for one duty is the split brain failover exists to prevent."""
+        errors: list[str] = []
+        move = Move(0, "fence", rt.name, rt.name, [], "", "", "exporter", time.time(),
+                    time.monotonic())
+        await self._undo(rt, "fence", None, move, errors)
+        self.store.audit("exporter", "fence_returning", rt.name, {"holder": holder})
+        log.warning("master %s came back active while %s holds its duty: fenced", rt.name,
+                    holder, extra={"event": "failover_fence_returning", "master": rt.name,
+                                   "holder": holder})
 
     # --- operator actions --------------------------------------------------------------------
     def pause(self, actor: str = "api") -> None:
@@ -879,10 +885,17 @@ class FailoverManager(JournalRecovery):
                                             skip=busy.__contains__)
 
     async def reconcile(self) -> None:
-        """Retry queued undo calls, and automatic work a cooldown or failed attempt left:
+        """Fence masters that came back active without their duty, retry queued undo calls,
+        and do the automatic work a cooldown or failed attempt left:
         an active master still failed gets another failover once its cooldown is over; a
         recovered master with failback auto gets its duty back."""
         await self._run_cleanups()
+        for rt in self.fleet:  # safety, even while paused: fence a returning split brain
+            holder = self.assignments.get(rt.name)
+            if (rt.reported_active and holder is not None and rt.name not in self._inflight
+                    and not self.duties_of(rt.name)):
+                await self._fence_returning(rt, holder)
+                rt.reported_active = None  # until the next probe says otherwise
         if not self.automatic:
             return
         for rt in self.fleet:

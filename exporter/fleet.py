@@ -46,6 +46,7 @@ class MasterRuntime:
         "memory_percent",
         "probe_sum",
         "queue_length",
+        "reported_active",
         "result_counts",
         "role",
         "up",
@@ -69,6 +70,7 @@ class MasterRuntime:
         self.active_messages: float | None = None
         self.cpu_percent: float | None = None
         self.memory_percent: float | None = None
+        self.reported_active: bool | None = None  # what the master's /health says of itself
         self.bucket_counts = [0] * (len(PROBE_BUCKETS) + 1)  # last slot is +Inf only
         self.probe_sum = 0.0
         self.result_counts = [0] * len(RESULTS)

@@ -192,6 +192,8 @@ class Service:
             rt.active_messages = payload.get("active_messages", rt.active_messages)
             rt.cpu_percent = payload.get("cpu_percent", rt.cpu_percent)
             rt.memory_percent = payload.get("memory_percent", rt.memory_percent)
+            active = payload.get("active")
+            rt.reported_active = active if isinstance(active, bool) else None
         reason = str(outcome.result) + (f": {outcome.detail}" if outcome.detail else "")
         transition = rt.health.observe(ok, outcome.degraded, reason, now)
         if not ok:

@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import yaml
 
-from tests.support import free_port
+from tests.support import free_port, wait_ready
 
 TOKEN = "e2e-token"
 
@@ -55,8 +56,19 @@ def start_master(
     drain_rate: float = 50.0,
 ) -> Proc:
     return Proc(
-        ["master", "--name", name, "--port", str(port), "--region", region, "--role", role,
-         "--drain-rate", str(drain_rate)],
+        [
+            "master",
+            "--name",
+            name,
+            "--port",
+            str(port),
+            "--region",
+            region,
+            "--role",
+            role,
+            "--drain-rate",
+            str(drain_rate),
+        ],
         tmp / f"{name}.log",
     )
 
@@ -87,3 +99,32 @@ def start_exporter(tmp: Path, config: Path, *extra: str) -> tuple[Proc, str]:
         ["run", "--config", str(config), *extra], tmp / "exporter.log", env={"HA_TEST_TOKEN": TOKEN}
     )
     return proc, f"http://127.0.0.1:{port}"
+
+
+class Stack:
+    """Master processes and one exporter process on 127.0.0.1, stopped in any case."""
+
+    def __init__(self, tmp, specs: list[tuple[str, str, str, int]], **sections: dict) -> None:
+        self.tmp, self.specs, self.sections = tmp, specs, sections
+        self.ports = {name: free_port() for name, *_ in specs}
+        self.urls = {n: f"http://127.0.0.1:{p}" for n, p in self.ports.items()}
+        self.masters = {
+            n: start_master(tmp, n, self.ports[n], region, role) for n, region, role, _ in specs
+        }
+        self.config = write_config(
+            tmp,
+            [
+                {"name": n, "url": self.urls[n], "region": r, "role": role, "priority": p}
+                for n, r, role, p in specs
+            ],
+            **sections,
+        )
+        self.exporter, self.base = start_exporter(tmp, self.config)
+
+    async def ready(self, http: aiohttp.ClientSession) -> None:
+        await wait_ready(http, self.base)
+
+    def stop(self) -> None:
+        self.exporter.stop()
+        for m in self.masters.values():
+            m.stop()

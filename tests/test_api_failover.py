@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 
 import aiohttp
 import pytest
 
-from tests.processes import TOKEN, start_exporter, start_master, write_config
+from tests.processes import TOKEN, Stack, start_exporter, start_master, write_config
 from tests.support import free_port, get_json, metric_value, wait_for, wait_ready
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -176,3 +177,59 @@ async def test_switchover_maintenance_reset_and_pause(fleet):
         assert r.status == 200 and (await r.json())["master"] == "master-c"
     actions = {e["action"] for e in (await get_json(http, f"{base}/api/v1/audit"))["items"]}
     assert {"pause", "resume", "maintenance_on", "maintenance_off", "reset"} <= actions
+
+
+async def test_restarted_exporter_fences_a_master_that_returns_active(tmp_path):
+    """Split brain after a restart: the failed master comes back believing it is active
+    while the exporter is down. The restarted exporter sees no health transition and has no
+    undo queued, yet must fence it; the backup keeps the duty."""
+    stack = Stack(
+        tmp_path,
+        [("master-a", "uae", "active", 1), ("master-c", "uae", "standby", 3)],
+        probe={"interval": "300ms", "timeout": "200ms", "failure_threshold": 2},
+        failover={"enabled": True, "cooldown": "30s", "checkpoint_interval": "300ms"},
+    )
+
+    def restart_a() -> None:
+        stack.masters["master-a"].stop()
+        stack.masters["master-a"] = start_master(
+            tmp_path, "master-a", stack.ports["master-a"], "uae", "active"
+        )
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            await stack.ready(http)
+
+            async def c_holds_a() -> bool:
+                h = await get_json(http, f"{stack.urls['master-c']}/health")
+                return h["active"] and "master-a" in h["duties"]
+
+            async def a_active() -> bool | None:
+                try:
+                    return (await get_json(http, f"{stack.urls['master-a']}/health"))["active"]
+                except aiohttp.ClientError:
+                    return None
+
+            stack.masters["master-a"].kill(signal.SIGKILL)
+            await wait_for(c_holds_a, 10, "master-c to take over master-a")
+            restart_a()  # back while the exporter runs: fenced, the queued undo spent
+            await wait_for(lambda: _is(a_active, False), 10, "master-a fenced on return")
+
+            stack.exporter.kill(signal.SIGTERM)
+            assert await asyncio.to_thread(stack.exporter.wait, 10) == 0
+            restart_a()  # back again, active by its own config, while nobody watches
+            await wait_for(lambda: _is(a_active, True), 10, "master-a claiming active")
+            restarted = time.time()
+            stack.exporter, _ = start_exporter(tmp_path, stack.config)
+            await stack.ready(http)
+            await wait_for(lambda: _is(a_active, False), 10, "the restarted exporter to fence")
+            assert await c_holds_a()
+            audit = await get_json(http, f"{stack.base}/api/v1/audit?master=master-a")
+            assert any(e["action"] == "fence_returning" and e["ts"] > restarted
+                       for e in audit["items"]), audit["items"][:5]
+    finally:
+        stack.stop()
+
+
+async def _is(check, expected: object) -> bool:
+    return await check() is expected

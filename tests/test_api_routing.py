@@ -11,39 +11,10 @@ import aiohttp
 import pytest
 
 from exporter.client import Client
-from tests.processes import TOKEN, start_exporter, start_master, write_config
-from tests.support import free_port, get_json, metric_value, wait_for, wait_ready
+from tests.processes import TOKEN, Stack, start_exporter
+from tests.support import get_json, metric_value, wait_for
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-class Stack:
-    """Master processes and one exporter process on 127.0.0.1, stopped in any case."""
-
-    def __init__(self, tmp, specs: list[tuple[str, str, str, int]], **sections: dict) -> None:
-        self.tmp, self.specs, self.sections = tmp, specs, sections
-        self.ports = {name: free_port() for name, *_ in specs}
-        self.urls = {n: f"http://127.0.0.1:{p}" for n, p in self.ports.items()}
-        self.masters = {
-            n: start_master(tmp, n, self.ports[n], region, role) for n, region, role, _ in specs
-        }
-        self.config = write_config(
-            tmp,
-            [
-                {"name": n, "url": self.urls[n], "region": r, "role": role, "priority": p}
-                for n, r, role, p in specs
-            ],
-            **sections,
-        )
-        self.exporter, self.base = start_exporter(tmp, self.config)
-
-    async def ready(self, http: aiohttp.ClientSession) -> None:
-        await wait_ready(http, self.base)
-
-    def stop(self) -> None:
-        self.exporter.stop()
-        for m in self.masters.values():
-            m.stop()
 
 
 FAST_PROBES = {
