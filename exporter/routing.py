@@ -186,8 +186,9 @@ class Router:
             self._n_ejected += 1 if ejected else -1
 
     def set_state(self, name: str, state: State | str) -> None:
-        """Feed the health machine's view. Call it after every probe result, not only on
-        transitions: an ejected master whose health never changed is re-admitted only here."""
+        """Feed the health machine's view after every successful probe and every transition:
+        an ejected master whose health never changed is re-admitted only here. (Not after a
+        failed probe under the threshold: that would re-admit a master the reports ejected.)"""
         m = self._member(name)
         state = State(state)
         old = m.state

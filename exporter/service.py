@@ -194,12 +194,15 @@ class Service:
             rt.memory_percent = payload.get("memory_percent", rt.memory_percent)
             active = payload.get("active")
             rt.reported_active = active if isinstance(active, bool) else None
+        else:
+            rt.reported_active = None  # no answer is no evidence that it is (still) active
         reason = str(outcome.result) + (f": {outcome.detail}" if outcome.detail else "")
         transition = rt.health.observe(ok, outcome.degraded, reason, now)
         if not ok:
             log.debug("probe of %s failed: %s", rt.name, reason)
         router = self.router
-        router.set_state(rt.name, rt.health.state)
+        if ok or transition is not None:  # a failed probe under the threshold must not
+            router.set_state(rt.name, rt.health.state)  # re-admit an ejected master
         router.set_load(rt.name, rt.queue_length)
         if transition is not None:
             self.bus.publish(transition)

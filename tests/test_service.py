@@ -10,6 +10,8 @@ import yaml
 from aiohttp import web
 
 from exporter.config import load_config
+from exporter.health import Result, State
+from exporter.probing import Outcome
 from exporter.service import Service
 from tests.support import serve_app, wait_for, wait_ready
 
@@ -103,3 +105,33 @@ async def test_api_lists_masters_and_404s_as_json(running):
         assert r.status == 404 and "error" in await r.json()
     async with http.get(f"{base}/healthz") as r:
         assert r.status == 200
+
+
+def probed_service(tmp_path) -> Service:
+    cfg_path = tmp_path / "config.yml"
+    write_config(cfg_path, "http://127.0.0.1:1", ["a", "b", "c"])
+    return Service(load_config(cfg_path), cfg_path, token=TOKEN)
+
+
+def test_failed_probe_under_threshold_does_not_readmit_an_ejected_master(tmp_path):
+    svc = probed_service(tmp_path)
+    a = svc.fleet.get("a")
+    for _ in range(svc.config.balancing.outlier_consecutive_failures):
+        svc.router.report("a", False, 0.1)
+    assert svc.router.is_ejected("a")
+    svc.on_probe(a, Outcome(Result.CONNECT_ERROR, 0.01, detail="refused"))
+    assert a.health.state is State.HEALTHY  # still under failure_threshold
+    assert svc.router.is_ejected("a")  # the failed probe is no reason to route to it again
+    svc.on_probe(a, Outcome(Result.SUCCESS, 0.01, payload={"status": "ok"}))
+    assert not svc.router.is_ejected("a")  # a healthy probe re-admits it
+    svc.store.close()
+
+
+def test_reported_active_is_forgotten_when_the_master_stops_answering(tmp_path):
+    svc = probed_service(tmp_path)
+    a = svc.fleet.get("a")
+    svc.on_probe(a, Outcome(Result.SUCCESS, 0.01, payload={"status": "ok", "active": True}))
+    assert a.reported_active is True
+    svc.on_probe(a, Outcome(Result.CONNECT_ERROR, 0.01, detail="refused"))
+    assert a.reported_active is None  # a dead master is not "back and active"
+    svc.store.close()
