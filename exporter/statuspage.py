@@ -31,6 +31,13 @@ def _utc(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "-"
 
 
+def _text(obj: object, key: str) -> str:
+    """``obj[key]`` when obj is a mapping and the value a string, else "": whatever the
+    server at alertmanager.url answers, the page renders."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else ""
+
+
 async def firing_alerts(service: Service) -> tuple[list[dict], str | None]:
     am = service.config.alertmanager
     if am is None or service.session is None:
@@ -42,17 +49,21 @@ async def firing_alerts(service: Service) -> tuple[list[dict], str | None]:
                 url, params={"active": "true", "silenced": "false", "inhibited": "false"}
             ) as resp:
                 if resp.status != 200:
-                    return [], f"Alertmanager answered HTTP {resp.status}."
-                raw = await resp.json()
-    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                    return [], f"Alertmanager at {am.url} answered HTTP {resp.status}."
+                raw = await resp.json(content_type=None)
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return [], f"Alertmanager at {am.url} is not reachable ({type(exc).__name__})."
+    except ValueError:
+        raw = None
+    if not isinstance(raw, list):
+        return [], f"Alertmanager at {am.url} did not answer a list of alerts (API v2)."
     alerts = [
         {
-            "name": a.get("labels", {}).get("alertname", "?"),
-            "severity": a.get("labels", {}).get("severity", ""),
-            "master": a.get("labels", {}).get("master", ""),
-            "summary": a.get("annotations", {}).get("summary", ""),
-            "since": (a.get("startsAt") or "")[:19].replace("T", " "),
+            "name": _text(a.get("labels"), "alertname") or "?",
+            "severity": _text(a.get("labels"), "severity"),
+            "master": _text(a.get("labels"), "master"),
+            "summary": _text(a.get("annotations"), "summary"),
+            "since": _text(a, "startsAt")[:19].replace("T", " "),
         }
         for a in raw
         if isinstance(a, dict)
