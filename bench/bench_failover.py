@@ -10,7 +10,7 @@ Scenarios
 * a ~10 MB snapshot moved (1,000 masters, live state).
 
 Each run is one complete ``FailoverManager.failover()``: journal writes (fsync'd, WAL +
-synchronous=FULL) included. Masters are separate processes (``exporter.simmaster``) with
+synchronous=FULL) included. Masters are separate processes (``exporter.sim.master``) with
 the request size limit raised so a 10 MB import is accepted. Target (issue 3): selection +
 transfer + activation under 200 ms at 1,000 masters on loopback.
 """
@@ -35,9 +35,9 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exporter.config import parse_config
-from exporter.failover import FailoverManager
-from exporter.fleet import Fleet
-from exporter.store import Store
+from exporter.failover.manager import FailoverManager
+from exporter.fleet.runtime import Fleet
+from exporter.store.sqlite import Store
 
 STEPS = ("select", "fence", "fetch", "import", "verify", "activate", "routing")
 CORE = ("select", "fetch", "import", "verify", "activate", "routing")
@@ -45,7 +45,7 @@ CORE = ("select", "fetch", "import", "verify", "activate", "routing")
 SERVER = """
 import asyncio, sys
 from aiohttp import web
-from exporter.simmaster import SimulatedMaster, create_app
+from exporter.sim.master import SimulatedMaster, create_app
 name, port, region, role, state_bytes = sys.argv[1], int(sys.argv[2]), sys.argv[3], \\
     sys.argv[4], int(sys.argv[5])
 sim = SimulatedMaster(name, region, role)

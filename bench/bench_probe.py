@@ -21,7 +21,7 @@ import aiohttp
 
 from bench.common import cpu_seconds, free_port, machine, start_target, wait_http
 from exporter.config import parse_config
-from exporter.probing import Prober, new_session
+from exporter.probing.prober import Prober, new_session
 from exporter.service import Service
 
 

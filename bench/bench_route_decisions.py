@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter.config import STRATEGIES, BalancingConfig, MasterConfig
-from exporter.health import State
-from exporter.routing import Router
+from exporter.fleet.health import State
+from exporter.routing.router import Router
 
 REGIONS = ("uae", "usa", "eu", "apac")
 TARGET_P99_US = 20.0

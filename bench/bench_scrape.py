@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.common import machine, rss_kib, start_target
 from exporter.config import parse_config
-from exporter.probing import Prober, new_session
+from exporter.probing.prober import Prober, new_session
 from exporter.service import Service
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from exporter import __version__, logs
 from exporter.config import Config, ConfigError, load_config, read_token, summary
 
-log = logging.getLogger("exporter.cli")
+log = logging.getLogger(__name__)
 SHUTDOWN_DEADLINE = 10.0
 
 
@@ -101,7 +101,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_master(args: argparse.Namespace) -> int:
-    from exporter.simmaster import serve_master
+    from exporter.sim.master import serve_master
 
     asyncio.run(
         serve_master(args.name, args.port, args.region, args.role, args.host, args.drain_rate)
@@ -110,7 +110,7 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from exporter.demo import run_demo
+    from exporter.sim.demo import run_demo
 
     asyncio.run(run_demo(args))
     return 0

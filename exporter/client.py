@@ -32,7 +32,7 @@ from typing import Any
 
 import aiohttp
 
-log = logging.getLogger("exporter.client")
+log = logging.getLogger(__name__)
 
 # Master answers worth retrying elsewhere; any other 4xx means the message itself is refused.
 RETRYABLE_STATUS = frozenset({408, 425, 429})

@@ -25,8 +25,8 @@ from prometheus_client import exposition as text_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
 
 from exporter import __version__
-from exporter.fleet import PROBE_BUCKETS, Fleet, MasterRuntime
-from exporter.health import RESULTS, STATES
+from exporter.fleet.health import RESULTS, STATES
+from exporter.fleet.runtime import PROBE_BUCKETS, Fleet, MasterRuntime
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the classic format
 OM_CONTENT_TYPE = om_exposition.CONTENT_TYPE_LATEST

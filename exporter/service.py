@@ -16,17 +16,19 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from exporter import api_failover, api_routing, statuspage
 from exporter.config import Config, ConfigError, load_config, read_token
-from exporter.failover import FailoverManager
-from exporter.fleet import Fleet, MasterRuntime
-from exporter.health import RESULTS, EventBus, Result, Transition
+from exporter.failover.manager import FailoverManager
+from exporter.fleet.health import RESULTS, EventBus, Result, Transition
+from exporter.fleet.runtime import Fleet, MasterRuntime
 from exporter.metrics import ExporterMetrics, FleetCollector
-from exporter.probing import Outcome, Prober, new_session
-from exporter.routing import Router
-from exporter.store import Store
+from exporter.probing.prober import Outcome, Prober, new_session
+from exporter.routing.router import Router
+from exporter.store.sqlite import Store
+from exporter.web import failover as api_failover
+from exporter.web import routing as api_routing
+from exporter.web import statuspage
 
-log = logging.getLogger("exporter.service")
+log = logging.getLogger(__name__)
 _RESULT_INDEX = {r: i for i, r in enumerate(RESULTS)}
 
 
@@ -217,7 +219,7 @@ class Service:
         return self.prober is not None and self.prober.first_round_done.is_set()
 
     async def start(self, host: str | None = None, port: int | None = None) -> None:
-        from exporter.web import create_app  # web imports service types
+        from exporter.web.app import create_app  # web imports service types
 
         self.session = new_session(self.config.probe)
         self.prober = Prober(self.fleet, self.config.probe, self.session, self.on_probe)

@@ -15,8 +15,8 @@ from aiohttp import web
 
 from exporter.client import Client, DeliveryFailed, RequestRejected, RouteUnavailable
 from exporter.config import BalancingConfig, MasterConfig
-from exporter.health import State
-from exporter.routing import NoRoute, Router
+from exporter.fleet.health import State
+from exporter.routing.router import NoRoute, Router
 from tests.support import free_port, serve_app
 
 

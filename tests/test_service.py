@@ -10,8 +10,8 @@ import yaml
 from aiohttp import web
 
 from exporter.config import load_config
-from exporter.health import Result, State
-from exporter.probing import Outcome
+from exporter.fleet.health import Result, State
+from exporter.probing.prober import Outcome
 from exporter.service import Service
 from tests.support import serve_app, wait_for, wait_ready
 

@@ -1,0 +1,103 @@
+"""GET /: the status page for people: masters, recent failovers, what is firing.
+
+jinja2 with autoescape on, so a master named ``<script>`` shows as text. Firing alerts come
+from Alertmanager's v2 API when ``alertmanager.url`` is set (bounded wait; the page still
+renders when Alertmanager is away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from exporter import __version__
+
+if TYPE_CHECKING:
+    from exporter.service import Service
+
+_env = Environment(
+    loader=PackageLoader("exporter.web", "templates"),
+    autoescape=select_autoescape(["html"], default=True),
+)
+ALERTS_TIMEOUT = 1.0
+
+
+def _utc(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "-"
+
+
+def _text(obj: object, key: str) -> str:
+    """``obj[key]`` when obj is a mapping and the value a string, else "": whatever the
+    server at alertmanager.url answers, the page renders."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+async def firing_alerts(service: Service) -> tuple[list[dict], str | None]:
+    am = service.config.alertmanager
+    if am is None or service.session is None:
+        return [], "Alertmanager is not configured (alertmanager.url)."
+    url = f"{am.url.rstrip('/')}/api/v2/alerts"
+    try:
+        async with asyncio.timeout(ALERTS_TIMEOUT):
+            async with service.session.get(
+                url, params={"active": "true", "silenced": "false", "inhibited": "false"}
+            ) as resp:
+                if resp.status != 200:
+                    return [], f"Alertmanager at {am.url} answered HTTP {resp.status}."
+                raw = await resp.json(content_type=None)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        return [], f"Alertmanager at {am.url} is not reachable ({type(exc).__name__})."
+    except ValueError:
+        raw = None
+    if not isinstance(raw, list):
+        return [], f"Alertmanager at {am.url} did not answer a list of alerts (API v2)."
+    alerts = [
+        {
+            "name": _text(a.get("labels"), "alertname") or "?",
+            "severity": _text(a.get("labels"), "severity"),
+            "master": _text(a.get("labels"), "master"),
+            "summary": _text(a.get("annotations"), "summary"),
+            "since": _text(a, "startsAt")[:19].replace("T", " "),
+        }
+        for a in raw
+        if isinstance(a, dict)
+    ]
+    return sorted(alerts, key=lambda a: (a["severity"] != "critical", a["name"])), None
+
+
+async def status_page(request: web.Request) -> web.Response:
+    from exporter.web.app import SERVICE
+
+    service = request.app[SERVICE]
+    timeout = service.config.failover.recovery_timeout
+    weights = service.routing_weights()
+    masters = []
+    for rt in service.fleet:
+        m = rt.as_dict(timeout)
+        m["weight_effective"] = weights.get(rt.name, 0.0)
+        masters.append(m)
+    failovers = [dict(f, when=_utc(f.get("started"))) for f in service.recent_failovers(10)]
+    alerts, alerts_error = await firing_alerts(service)
+    html = _env.get_template("status.html").render(
+        masters=masters,
+        healthy=sum(m["state"] == "healthy" for m in masters),
+        score=service.fleet_health_score(),
+        strategy=service.strategy(),
+        failover_mode=service.failover_mode(),
+        failovers=failovers,
+        alerts=alerts,
+        alerts_error=alerts_error,
+        version=__version__,
+        refresh=max(2, int(service.config.probe.interval)),
+    )
+    return web.Response(text=html, content_type="text/html")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", status_page)

@@ -1,0 +1,104 @@
+"""Backup selection rules, each on its own, plus a property: the order is a total, stable
+ranking of exactly the eligible masters."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exporter.config import MasterConfig, ProbeConfig
+from exporter.failover.selection import rank
+from exporter.fleet.health import State
+from exporter.fleet.runtime import Fleet
+
+
+def fleet_of(*specs: dict) -> Fleet:
+    masters = [MasterConfig(url=f"http://127.0.0.1:{9000 + i}", **spec)
+               for i, spec in enumerate(specs)]
+    return Fleet(masters, ProbeConfig(), 5)
+
+
+def names(ranking) -> list[str]:
+    return [r.name for r in ranking.order]
+
+
+def test_standby_first_then_priority_region_load():
+    f = fleet_of(
+        {"name": "dead", "region": "uae", "role": "active", "priority": 1},
+        {"name": "act", "region": "uae", "role": "active", "priority": 0},
+        {"name": "sb-usa", "region": "usa", "role": "standby", "priority": 5},
+        {"name": "sb-uae", "region": "uae", "role": "standby", "priority": 5},
+        {"name": "sb-hi", "region": "uae", "role": "standby", "priority": 9},
+        {"name": "sb-uae-busy", "region": "uae", "role": "standby", "priority": 5},
+    )
+    f.get("sb-uae").queue_length = 10
+    f.get("sb-uae-busy").queue_length = 50
+    r = rank(f.get("dead"), f)
+    assert names(r) == ["sb-uae", "sb-uae-busy", "sb-usa", "sb-hi", "act"]
+    why = {c["name"]: c["reason"] for c in r.candidates}
+    assert why["sb-uae"] == "best candidate"
+    assert "queue 50" in why["sb-uae-busy"]
+    assert "region usa" in why["sb-usa"]
+    assert "priority 9" in why["sb-hi"]
+    assert "ranked after standby" in why["act"]
+    assert "dead" not in why  # the failed master is not a candidate of itself
+
+
+def test_passed_over_reasons():
+    f = fleet_of(
+        {"name": "dead", "role": "active"},
+        {"name": "never", "role": "standby", "failover": "never"},
+        {"name": "maint", "role": "standby"},
+        {"name": "degr", "role": "standby"},
+        {"name": "failed", "role": "standby"},
+        {"name": "busy", "role": "standby"},
+        {"name": "far", "role": "standby", "region": "mars"},
+        {"name": "ok", "role": "standby"},
+    )
+    f.get("degr").health.state = State.DEGRADED
+    f.get("failed").health.state = State.FAILED
+    r = rank(f.get("dead"), f, maintenance={"maint"}, busy={"busy": "taking over x"},
+             allowed_regions={"default"})
+    assert names(r) == ["ok"]
+    why = {c["name"]: c["reason"] for c in r.candidates}
+    assert why["never"] == "excluded by config (failover: never)"
+    assert why["maint"] == "in maintenance"
+    assert why["degr"] == "not healthy (degraded)"
+    assert why["failed"] == "not healthy (failed)"
+    assert why["busy"] == "mid-takeover (taking over x)"
+    assert "region mars not allowed" in why["far"]
+    assert [c["eligible"] for c in r.candidates].count(True) == 1
+    r.note("ok", "took over")
+    assert next(c for c in r.candidates if c["name"] == "ok")["outcome"] == "took over"
+
+
+_master = st.fixed_dictionaries({
+    "role": st.sampled_from(["active", "standby"]),
+    "priority": st.integers(0, 3),
+    "region": st.sampled_from(["uae", "usa"]),
+    "failover": st.sampled_from(["allow", "allow", "never"]),
+    "state": st.sampled_from([State.HEALTHY, State.HEALTHY, State.DEGRADED, State.FAILED]),
+    "queue": st.none() | st.integers(0, 5),
+})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_master, min_size=1, max_size=12))
+def test_ranking_is_total_and_sorted(specs):
+    f = fleet_of(*({"name": f"m{i}", "role": s["role"], "priority": s["priority"],
+                    "region": s["region"], "failover": s["failover"]}
+                   for i, s in enumerate(specs)))
+    for i, s in enumerate(specs):
+        rt = f.get(f"m{i}")
+        rt.health.state = s["state"]
+        rt.queue_length = s["queue"]
+    failed = f.get("m0")
+    r = rank(failed, f)
+    expected_eligible = {rt.name for rt in f if rt.name != "m0"
+                         and rt.config.failover == "allow" and rt.health.state is State.HEALTHY}
+    assert set(names(r)) == expected_eligible
+    keys = [(rt.role != "standby", rt.config.priority, rt.config.region != failed.config.region,
+             rt.queue_length or 0) for rt in r.order]
+    assert keys == sorted(keys)
+    assert len(r.candidates) == len(specs) - 1
+    assert [c["rank"] for c in r.candidates if c["eligible"]] == list(range(1, len(r.order) + 1))
