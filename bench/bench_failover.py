@@ -35,8 +35,9 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exporter.config import parse_config
+from exporter.failover.duties import DutyTable
 from exporter.failover.manager import FailoverManager
-from exporter.fleet.runtime import Fleet
+from exporter.fleet import Fleet
 from exporter.store.sqlite import Store
 
 STEPS = ("select", "fence", "fetch", "import", "verify", "activate", "routing")
@@ -64,6 +65,11 @@ async def main():
     await asyncio.Event().wait()
 asyncio.run(main())
 """
+
+
+def _ignore(_event: object) -> None:
+    """Events nobody in this test listens to."""
+
 
 
 def free_port() -> int:
@@ -132,7 +138,7 @@ async def one_run(session: aiohttp.ClientSession, servers: Servers, size: int, t
     for rt in fleet:
         rt.queue_length = rng.randint(0, 100)
     store = Store(state_path)
-    mgr = FailoverManager(cfg, fleet, store, session)
+    mgr = FailoverManager(cfg, fleet, store, DutyTable(cfg.masters, store, _ignore), session)
     if dead_a:  # the checkpoint a dead master's state comes from, pulled while it was alive
         live = mgr.client
         snap = await live.get_state("a", servers.urls["a"])

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter.config import STRATEGIES, BalancingConfig, MasterConfig
-from exporter.fleet.health import State
+from exporter.fleet import State
 from exporter.routing.router import Router
 
 REGIONS = ("uae", "usa", "eu", "apac")

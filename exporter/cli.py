@@ -12,9 +12,13 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exporter import __version__, logs
 from exporter.config import Config, ConfigError, load_config, read_token, summary
+
+if TYPE_CHECKING:
+    from exporter.service import Service
 
 log = logging.getLogger(__name__)
 SHUTDOWN_DEADLINE = 10.0
@@ -32,26 +36,31 @@ def _load(path: str) -> Config | None:
 
 
 async def serve_until_signalled(
-    service: object, host: str | None = None, port: int | None = None
+    service: Service, host: str | None = None, port: int | None = None
 ) -> None:
-    """Run a Service until SIGTERM/SIGINT; SIGHUP reloads its config."""
-    from exporter.service import Service
+    """Run a Service and its HTTP surface until SIGTERM/SIGINT (then stop within
+    SHUTDOWN_DEADLINE); SIGHUP reloads its config."""
+    from exporter.web.server import running
 
-    assert isinstance(service, Service)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reload()))
-    await service.start(host, port)
+
+    async def serve() -> None:
+        async with running(service, host, port):
+            await stop.wait()
+            log.info("shutting down (deadline %.0fs)", SHUTDOWN_DEADLINE)
+
+    serving = asyncio.create_task(serve())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
     try:
-        await stop.wait()
-    finally:
-        log.info("shutting down (deadline %.0fs)", SHUTDOWN_DEADLINE)
-        try:
-            await asyncio.wait_for(service.stop(), SHUTDOWN_DEADLINE)
-        except TimeoutError:
-            log.error("shutdown did not finish within %.0fs", SHUTDOWN_DEADLINE)
+        await asyncio.wait_for(serving, SHUTDOWN_DEADLINE)
+    except TimeoutError:
+        log.error("shutdown did not finish within %.0fs", SHUTDOWN_DEADLINE)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -25,8 +25,7 @@ from prometheus_client import exposition as text_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
 
 from exporter import __version__
-from exporter.fleet.health import RESULTS, STATES
-from exporter.fleet.runtime import PROBE_BUCKETS, Fleet, MasterRuntime
+from exporter.fleet import PROBE_BUCKETS, RESULTS, STATES, Fleet, MasterRuntime
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the classic format
 OM_CONTENT_TYPE = om_exposition.CONTENT_TYPE_LATEST
@@ -69,14 +68,14 @@ class _Lines:
         "up",
     )
 
-    def __init__(self, rt: MasterRuntime) -> None:
+    def __init__(self, rt: MasterRuntime, role: str) -> None:
         c = rt.config
-        self.config, self.role = c, rt.role
+        self.config, self.role = c, role
         lab = self.lab = f'master="{escape(c.name)}"'
         region = escape(c.region)
-        self.up = f'ha_master_up{{{lab},region="{region}",role="{rt.role}"}} '
+        self.up = f'ha_master_up{{{lab},region="{region}",role="{role}"}} '
         self.info = (
-            f'ha_master_info{{{lab},region="{region}",role="{rt.role}",'
+            f'ha_master_info{{{lab},region="{region}",role="{role}",'
             f'priority="{c.priority}"}} 1\n'
         )
         self.states = {
@@ -103,8 +102,10 @@ class FleetCollector:
         decisions: Callable[[], Mapping[tuple[str, str], int]],
         checkpoint_ages: Callable[[float], Mapping[str, float]],
         recovery_timeout: Callable[[], float],
+        role_of: Callable[[str], str],
     ) -> None:
         self._fleet = fleet
+        self._role_of = role_of
         self._weights = weights
         self._decisions = decisions
         self._checkpoint_ages = checkpoint_ages
@@ -112,12 +113,13 @@ class FleetCollector:
         self._lines: dict[str, _Lines] = {}
 
     def _lines_of(self, masters: list[MasterRuntime]) -> list[_Lines]:
-        cache = self._lines
+        cache, role_of = self._lines, self._role_of
         out = []
         for rt in masters:
             lines = cache.get(rt.config.name)
-            if lines is None or lines.config is not rt.config or lines.role != rt.role:
-                lines = cache[rt.config.name] = _Lines(rt)
+            role = role_of(rt.config.name)
+            if lines is None or lines.config is not rt.config or lines.role != role:
+                lines = cache[rt.config.name] = _Lines(rt, role)
             out.append(lines)
         if len(cache) > len(masters):  # masters removed by a reload
             keep = {rt.config.name for rt in masters}

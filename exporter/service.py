@@ -1,8 +1,10 @@
-"""The running exporter: wires config, fleet, probes, health events, routing, failover, web.
+"""The running exporter: wires config, fleet, probes, events, routing and failover.
 
-One asyncio loop owns everything, so components talk by plain calls and the EventBus; the
-only shared mutable state is the fleet records: the probe handler writes their figures and
-health, failover writes their roles, and everything else only reads them.
+One asyncio loop owns everything. Data flows one way: a probe's outcome is folded into its
+master's record (``MasterRuntime.apply``), and what changed goes out on the event bus, the
+only input of routing and failover. Every consumer subscribes in ``__init__``; state restored
+from the store is published in ``start``, after the wiring, so nobody misses it. The HTTP
+surface lives in ``exporter.web`` and reads this object; nothing here imports it.
 """
 
 from __future__ import annotations
@@ -10,26 +12,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
 from exporter.config import Config, ConfigError, load_config, read_token
+from exporter.failover.duties import DutyTable
 from exporter.failover.manager import FailoverManager
-from exporter.fleet.health import RESULTS, EventBus, Result, Transition
-from exporter.fleet.runtime import Fleet, MasterRuntime
+from exporter.fleet import (
+    EventBus,
+    Fleet,
+    MasterRuntime,
+    Outcome,
+    RoleChanged,
+    Sample,
+    Transition,
+    log_transition,
+)
 from exporter.metrics import ExporterMetrics, FleetCollector
-from exporter.probing.prober import Outcome, Prober, new_session
+from exporter.probing.prober import Prober, new_session
 from exporter.routing.router import Router
-from exporter.store.sqlite import Store
-from exporter.web import failover as api_failover
-from exporter.web import routing as api_routing
-from exporter.web import statuspage
+from exporter.store import Store
 
 log = logging.getLogger(__name__)
-_RESULT_INDEX = {r: i for i, r in enumerate(RESULTS)}
 
 
 class Service:
@@ -50,6 +55,7 @@ class Service:
         self.bus = EventBus()
         self.fleet = Fleet(config.masters, config.probe, config.failover.max_recovery_attempts)
         self.store = Store(config.state_path)
+        self.duties = DutyTable(config.masters, self.store, self.bus.publish)
         self.router = Router(config.balancing, config.masters)
         saved_strategy = self.store.flag("strategy")
         if saved_strategy and saved_strategy != config.balancing.strategy:
@@ -63,6 +69,7 @@ class Service:
                 decisions=lambda: self.router.decisions,
                 checkpoint_ages=self._checkpoint_ages,
                 recovery_timeout=lambda: self.config.failover.recovery_timeout,
+                role_of=self.duties.role_of,
             )
         )
         m = self.metrics
@@ -78,10 +85,14 @@ class Service:
         )
         self.session: aiohttp.ClientSession | None = None
         self.prober: Prober | None = None
-        self.runner: web.AppRunner | None = None
-        self.bound_port: int | None = None
         self._reload_lock = asyncio.Lock()
         self._rebalance_task: asyncio.Task[None] | None = None
+        bus = self.bus
+        bus.subscribe(Transition, log_transition)
+        bus.subscribe(Transition, self.router.on_transition)
+        bus.subscribe(Sample, self.router.on_sample)
+        bus.subscribe(RoleChanged, self.router.on_role)
+        bus.subscribe(RoleChanged, _log_role)
 
     # --- what the API, status page and metrics read ----------------------------------------
     def fleet_health_score(self) -> float:
@@ -107,16 +118,7 @@ class Service:
     def _checkpoint_ages(self, now: float) -> dict[str, float]:
         return self.failover.checkpoint_ages(now) if self.failover else {}
 
-    def route_modules(self) -> list[Callable[[web.Application], None]]:
-        return [statuspage.add_routes, api_routing.add_routes, api_failover.add_routes]
-
-    def sync_roles(self) -> None:
-        """Failover changes roles in the fleet records; routing follows them."""
-        for rt in self.fleet:
-            self.router.set_role(rt.name, rt.role)
-
     def _on_routing_change(self, failed: str, backup: str | None) -> None:
-        self.sync_roles()
         log.info(
             "routing updated: duties of %s now with %s",
             failed,
@@ -178,38 +180,11 @@ class Service:
 
     # --- probe results -----------------------------------------------------------------
     def on_probe(self, rt: MasterRuntime, outcome: Outcome) -> None:
-        """Fold one probe into the master's record and its health machine."""
-        now = time.time()
-        rt.last_probe_wall = now
-        rt.last_latency = outcome.latency
-        rt.record_latency(outcome.latency)
-        rt.result_counts[_RESULT_INDEX[outcome.result]] += 1
-        ok = outcome.result is Result.SUCCESS
-        rt.up = ok
-        rt.last_status = str(outcome.result)
-        rt.last_error = "" if ok else outcome.detail
-        payload = outcome.payload
-        if payload is not None:
-            rt.queue_length = payload.get("queue_length", rt.queue_length)
-            rt.active_messages = payload.get("active_messages", rt.active_messages)
-            rt.cpu_percent = payload.get("cpu_percent", rt.cpu_percent)
-            rt.memory_percent = payload.get("memory_percent", rt.memory_percent)
-            active = payload.get("active")
-            rt.reported_active = active if isinstance(active, bool) else None
-        else:
-            rt.reported_active = None  # no answer is no evidence that it is (still) active
-        reason = str(outcome.result) + (f": {outcome.detail}" if outcome.detail else "")
-        transition = rt.health.observe(ok, outcome.degraded, reason, now)
-        if not ok:
-            log.debug("probe of %s failed: %s", rt.name, reason)
-        router = self.router
-        if ok or transition is not None:  # a failed probe under the threshold must not
-            router.set_state(rt.name, rt.health.state)  # re-admit an ejected master
-        router.set_load(rt.name, rt.queue_length)
-        if transition is not None:
-            self.bus.publish(transition)
-
-    def publish(self, transition: Transition | None) -> None:
+        """One probe: folded into the record, then its consequences published."""
+        transition = rt.apply(outcome, time.time())
+        if not rt.up:
+            log.debug("probe of %s failed: %s", rt.name, rt.last_error)
+        self.bus.publish(Sample(rt.name, rt.up, rt.health.state, rt.queue_length))
         if transition is not None:
             self.bus.publish(transition)
 
@@ -218,50 +193,33 @@ class Service:
     def ready(self) -> bool:
         return self.prober is not None and self.prober.first_round_done.is_set()
 
-    async def start(self, host: str | None = None, port: int | None = None) -> None:
-        from exporter.web.app import create_app  # web imports service types
-
+    async def start(self) -> None:
+        """Open the session, restore what the store remembers, recover an interrupted
+        failover, then start probing and rebalancing."""
         self.session = new_session(self.config.probe)
         self.prober = Prober(self.fleet, self.config.probe, self.session, self.on_probe)
         self.failover = FailoverManager(
             self.config,
             self.fleet,
             self.store,
+            self.duties,
             self.session,
             on_routing_change=self._on_routing_change,
-            publish=self.publish,
+            publish=self.bus.publish,
         )
         self.failover.stats.listeners.append(self._on_failover_result)
-        self.bus.subscribe(self._on_transition)
-        self.bus.subscribe(self.failover.on_transition)
-        self.sync_roles()
+        self.bus.subscribe(Transition, self.failover.on_transition)
+        self.duties.restore()
+        self.failover.restore()
         await self.failover.start()  # completes or rolls back a failover a crash interrupted
-        self.sync_roles()
         self.router.warm()
         self.prober.start()
         self._rebalance_task = asyncio.create_task(self._rebalance_loop(), name="rebalance")
-        self.runner = web.AppRunner(
-            create_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
-        )
-        await self.runner.setup()
-        host = host or self.config.listen.host
-        site = web.TCPSite(self.runner, host, self.config.listen.port if port is None else port)
-        await site.start()
-        server = site._server  # the only way to learn an ephemeral port (port=0 in tests)
-        sockets = getattr(server, "sockets", None) or []
-        self.bound_port = sockets[0].getsockname()[1] if sockets else port
-        log.info(
-            "ha-exporter listening on http://%s:%s with %d masters",
-            host,
-            self.bound_port,
-            len(self.fleet),
-        )
-
-    def _on_transition(self, t: Transition) -> None:
-        self.router.set_state(t.master, t.new)
+        log.info("ha-exporter started with %d masters", len(self.fleet))
 
     async def stop(self) -> None:
-        """Clean shutdown: stop probing, finish or roll back failovers, flush, close."""
+        """Stop probing and rebalancing, let failovers finish or roll back, flush events.
+        ``close`` releases the session and the store afterwards."""
         if self.prober is not None:
             await self.prober.stop()
         if self._rebalance_task is not None:
@@ -269,8 +227,8 @@ class Service:
         if self.failover is not None:
             await self.failover.shutdown(deadline=7.0)
         await self.bus.drain()
-        if self.runner is not None:
-            await self.runner.cleanup()
+
+    async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
         self.store.close()
@@ -307,9 +265,9 @@ class Service:
             self.store.set_flag("strategy", None)  # the file's new choice wins over the API's
         self.config = new
         self.router.update_config(new.balancing, new.masters)
+        self.duties.update_config(new.masters)
         if self.failover is not None:
             self.failover.update_config(new)
-        self.sync_roles()
         log.info(
             "config reloaded: %d masters (added %s, removed %s, changed %s)",
             len(self.fleet),
@@ -317,3 +275,8 @@ class Service:
             removed or "none",
             changed or "none",
         )
+
+
+def _log_role(e: RoleChanged) -> None:
+    log.info("master %s is now %s (was %s)", e.master, e.new, e.old,
+             extra={"event": "role", "master": e.master, "from": e.old, "to": e.new})

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from exporter.client import Client, DeliveryFailed, RequestRejected, RouteUnavailable
 from exporter.config import BalancingConfig, MasterConfig
-from exporter.fleet.health import State
+from exporter.fleet import State
 from exporter.routing.router import NoRoute, Router
 from tests.support import free_port, serve_app
 

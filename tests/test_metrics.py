@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.config import parse_config
 from exporter.metrics import OM_CONTENT_TYPE, escape, fmt
 from exporter.service import Service
+from exporter.web.server import running
 from tests.support import serve_app, wait_for
 from tests.tools import require_binary
 
@@ -77,9 +78,8 @@ async def scrape_service(tmp_path, accept: str | None = None) -> tuple[str, str]
             }
         )
         svc = Service(cfg, token="t")
-        await svc.start(port=0)
-        try:
-            base = f"http://127.0.0.1:{svc.bound_port}"
+        async with running(svc, "127.0.0.1", 0) as server:
+            base = f"http://127.0.0.1:{server.port}"
             async with aiohttp.ClientSession() as s:
 
                 async def failed() -> bool:
@@ -90,8 +90,6 @@ async def scrape_service(tmp_path, accept: str | None = None) -> tuple[str, str]
                 headers = {"Accept": accept} if accept else {}
                 async with s.get(f"{base}/metrics", headers=headers) as r:
                     return await r.text(), r.headers["Content-Type"]
-        finally:
-            await svc.stop()
 
 
 async def test_scrape_has_every_contract_metric_with_its_labels(tmp_path):

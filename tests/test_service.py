@@ -10,9 +10,9 @@ import yaml
 from aiohttp import web
 
 from exporter.config import load_config
-from exporter.fleet.health import Result, State
-from exporter.probing.prober import Outcome
+from exporter.fleet import Outcome, Result, State
 from exporter.service import Service
+from exporter.web.server import running as serving
 from tests.support import serve_app, wait_for, wait_ready
 
 TOKEN = "test-token"
@@ -48,11 +48,8 @@ async def running(tmp_path):
     async with serve_app(ok_app()) as url, aiohttp.ClientSession() as http:
         write_config(cfg_path, url, ["a", "b"])
         svc = Service(load_config(cfg_path), cfg_path, token=TOKEN)
-        await svc.start(port=0)
-        try:
-            yield svc, cfg_path, url, f"http://127.0.0.1:{svc.bound_port}", http
-        finally:
-            await svc.stop()
+        async with serving(svc, "127.0.0.1", 0) as server:
+            yield svc, cfg_path, url, f"http://127.0.0.1:{server.port}", http
 
 
 async def test_reload_adds_removes_and_keeps_state_of_unchanged(running, caplog):
@@ -135,3 +132,36 @@ def test_reported_active_is_forgotten_when_the_master_stops_answering(tmp_path):
     svc.on_probe(a, Outcome(Result.CONNECT_ERROR, 0.01, detail="refused"))
     assert a.reported_active is None  # a dead master is not "back and active"
     svc.store.close()
+
+
+async def test_a_master_in_maintenance_and_down_gets_no_traffic_after_a_restart(tmp_path):
+    """The store remembers maintenance across restarts; routing must learn it too, although
+    the master's failing probes never cause a transition while it is in maintenance."""
+    cfg_path = tmp_path / "config.yml"
+    async with serve_app(ok_app()) as url, aiohttp.ClientSession() as http:
+        cfg_path.write_text(yaml.safe_dump({
+            "state_path": str(tmp_path / "state.db"),
+            "probe": {"interval": "200ms", "timeout": "100ms"},
+            "masters": [{"name": "a", "url": "http://127.0.0.1:1/a"},  # nobody listens
+                        {"name": "b", "url": f"{url}/b"}],
+            "api": {"token_env": None},
+        }))
+        before = Service(load_config(cfg_path), cfg_path, token=TOKEN)
+        before.store.set_maintenance("a", True)  # as a previous run left it
+        await before.close()
+        svc = Service(load_config(cfg_path), cfg_path, token=TOKEN)
+        async with serving(svc, "127.0.0.1", 0) as server:
+            base = f"http://127.0.0.1:{server.port}"
+            await wait_ready(http, base, 5)
+            async with http.get(f"{base}/api/v1/masters/a") as r:
+                assert (await r.json())["state"] == "maintenance"
+            chosen = set()
+            for i in range(20):
+                async with http.get(f"{base}/api/v1/route", params={"key": f"k{i}"}) as r:
+                    assert r.status == 200
+                    chosen.add((await r.json())["master"])
+            assert chosen == {"b"}
+            async with http.get(f"{base}/api/v1/balancing") as r:
+                balancing = await r.json()
+            assert balancing["weights"].get("a", 0) == 0
+            assert balancing["masters"]["a"]["state"] == "maintenance"

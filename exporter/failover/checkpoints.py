@@ -14,8 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from exporter.failover.protocol import MasterCallError, MasterClient
-from exporter.fleet.health import SERVING
-from exporter.fleet.runtime import MasterRuntime
+from exporter.fleet import SERVING, MasterRuntime
 from exporter.store.sqlite import Store
 
 log = logging.getLogger(__name__)
@@ -66,9 +65,8 @@ class Checkpointer:
 
     async def round(self, masters: Iterable[MasterRuntime], timeout: float,
                     skip: Callable[[str], bool] = lambda _name: False) -> dict[str, bool]:
-        """Checkpoint every serving active master (bounded concurrency); {name: ok}."""
-        todo = [rt for rt in masters
-                if rt.role == "active" and rt.health.state in SERVING and not skip(rt.name)]
+        """Checkpoint every serving one of ``masters`` (bounded concurrency); {name: ok}."""
+        todo = [rt for rt in masters if rt.health.state in SERVING and not skip(rt.name)]
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(rt: MasterRuntime) -> tuple[str, bool]:

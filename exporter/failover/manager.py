@@ -38,6 +38,7 @@ import aiohttp
 from exporter.config import Config
 from exporter.failover import hooks
 from exporter.failover.checkpoints import Checkpointer
+from exporter.failover.duties import DutyTable
 from exporter.failover.moves import (
     DURATION_BUCKETS,
     EXECUTED,
@@ -52,8 +53,7 @@ from exporter.failover.moves import (
 from exporter.failover.protocol import MasterCallError, MasterClient, Snapshot, parse_snapshot_async
 from exporter.failover.recovery import JournalRecovery
 from exporter.failover.selection import Ranking, rank
-from exporter.fleet.health import SERVING, State, Transition
-from exporter.fleet.runtime import Fleet, MasterRuntime
+from exporter.fleet import SERVING, Fleet, MasterRuntime, State, Transition
 from exporter.store.sqlite import Store
 
 __all__ = ["DURATION_BUCKETS", "EXECUTED", "RESULTS", "FailoverManager", "FailoverRejected",
@@ -65,21 +65,20 @@ log = logging.getLogger(__name__)
 class FailoverManager(JournalRecovery):
     """Owns failover decisions for one exporter; all methods run on the service's loop."""
 
-    def __init__(self, config: Config, fleet: Fleet, store: Store,
+    def __init__(self, config: Config, fleet: Fleet, store: Store, duties: DutyTable,
                  session: aiohttp.ClientSession,
                  on_routing_change: RoutingCallback | None = None,
                  publish: Callable[[Transition], None] | None = None) -> None:
         self.config = config
         self.fleet = fleet
         self.store = store
+        self.duties = duties
         self.session = session
         self.on_routing_change = on_routing_change
         self.publish = publish
         self.client = MasterClient(session, config.failover.step_timeout)
         self.checkpoints = Checkpointer(store, self.client)
         self.stats = FailoverStats()
-        self.assignments: dict[str, str] = {d: a["backup"] for d, a in store.assignments().items()}
-        self.maintenance: set[str] = set(store.maintenance())
         self._paused = store.paused()
         self._inflight: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._moves: dict[int, Move] = {}
@@ -92,11 +91,6 @@ class FailoverManager(JournalRecovery):
         self._notify_tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.apply_roles()
-        for name in self.maintenance:
-            rt = fleet.get(name)
-            if rt is not None:
-                self._publish(rt.health.set_maintenance(True, time.time()))
 
     # --- public state ------------------------------------------------------------------------
     @property
@@ -118,34 +112,23 @@ class FailoverManager(JournalRecovery):
     def checkpoint_ages(self, now: float | None = None) -> dict[str, float]:
         return self.checkpoints.ages(now)
 
-    def duties_of(self, name: str) -> list[str]:
-        """Duties ``name`` holds now: its own (if configured active and not taken away) plus
-        those assigned to it."""
-        rt = self.fleet.get(name)
-        own = ([name] if rt is not None and rt.config.role == "active"
-               and name not in self.assignments else [])
-        return own + sorted(d for d, holder in self.assignments.items() if holder == name)
+    def restore(self) -> None:
+        """Put masters the store says are in maintenance back into it; called once every
+        consumer of the bus is subscribed, so routing learns it too."""
+        for name in self.store.maintenance():
+            rt = self.fleet.get(name)
+            if rt is not None:
+                self._publish(rt.health.set_maintenance(True, time.time()))
 
-    def holder_of(self, duty: str) -> str | None:
-        if duty in self.assignments:
-            return self.assignments[duty]
-        rt = self.fleet.get(duty)
-        return duty if rt is not None and rt.config.role == "active" else None
-
-    def apply_roles(self) -> None:
-        """Derive every master's role from config + assignments (the single source of truth,
-        so a restart or reload lands on the same roles the last failover left)."""
-        holders = set(self.assignments.values())
-        for rt in self.fleet:
-            own = rt.config.role == "active" and rt.name not in self.assignments
-            rt.role = "active" if own or rt.name in holders else "standby"
+    def in_maintenance(self) -> list[str]:
+        return sorted(rt.name for rt in self.fleet if rt.health.state is State.MAINTENANCE)
 
     def status(self) -> dict[str, Any]:
         """For the API and status page."""
         return {"enabled": self.config.failover.enabled, "paused": self._paused,
                 "dry_run": self.config.failover.dry_run, "in_progress": self.stats.in_progress,
-                "running": sorted(self._inflight), "assignments": dict(self.assignments),
-                "maintenance": sorted(self.maintenance)}
+                "running": sorted(self._inflight), "assignments": self.duties.assignments(),
+                "maintenance": self.in_maintenance()}
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -168,7 +151,6 @@ class FailoverManager(JournalRecovery):
         self.client.timeout = config.failover.step_timeout
         names = {m.name for m in config.masters}
         self.checkpoints.forget([n for n in self.checkpoints.times if n not in names])
-        self.apply_roles()
 
     async def shutdown(self, deadline: float = 8.0) -> None:
         """Stop automatic work; let moves in flight finish within ``deadline`` seconds, else
@@ -198,7 +180,7 @@ class FailoverManager(JournalRecovery):
         if rt is None or self._stopping:
             return
         if t.new is State.FAILED and t.old is not State.FAILED:
-            if rt.role == "active":
+            if self.duties.role_of(rt.name) == "active":
                 await self.auto_failover(t.master, f"health: {t.reason}")
         elif t.new in SERVING and t.old in (State.FAILED, State.RECOVERING):
             await self._on_recovered(rt)
@@ -217,7 +199,7 @@ class FailoverManager(JournalRecovery):
             log.warning("master %s failed but automatic failover is off (%s)", master, why,
                         extra={"event": "failover_suppressed", "master": master, "why": why})
             return None
-        if not self.duties_of(master):
+        if not self.duties.duties_of(master):
             return None
         cool = self._cooldown_left(master)
         if cool is not None:
@@ -248,10 +230,10 @@ class FailoverManager(JournalRecovery):
     async def _on_recovered(self, rt: MasterRuntime) -> None:
         name = rt.name
         await self._run_cleanups(only=name)
-        holder = self.assignments.get(name)
+        holder = self.duties.assigned_away(name)
         if holder is None:
             return
-        if not self.duties_of(name):
+        if not self.duties.duties_of(name):
             # it may have come back believing it is active (restart from its own config)
             try:
                 h = await self.client.health(name, rt.config.url)
@@ -300,12 +282,8 @@ class FailoverManager(JournalRecovery):
         then take it out of rotation and out of candidate lists. Off: probes decide again."""
         rt = self._known(name)
         moved = None
-        if on and drain and self.duties_of(name) and rt.health.state in SERVING:
+        if on and drain and self.duties.duties_of(name) and rt.health.state in SERVING:
             moved = await self.switchover(name, actor=actor, reason="maintenance drain")
-        if on:
-            self.maintenance.add(name)
-        else:
-            self.maintenance.discard(name)
         self.store.set_maintenance(name, on)
         self.store.audit(actor, "maintenance_on" if on else "maintenance_off", name,
                          {"drain": moved["id"] if moved else None})
@@ -320,7 +298,7 @@ class FailoverManager(JournalRecovery):
         self._publish(rt.health.reset(time.time()))
         self._last_move.pop(name, None)
         moved = None
-        if name in self.assignments and rt.health.state in SERVING:
+        if self.duties.assigned_away(name) is not None and rt.health.state in SERVING:
             moved = await self.failback(name, trigger="manual", actor=actor)
         self.store.audit(actor, "reset", name, {"failback": moved["id"] if moved else None})
         return {"master": name, "state": str(rt.health.state), "failback": moved}
@@ -340,7 +318,7 @@ class FailoverManager(JournalRecovery):
                        reason: str = "manual failover", actor: str = "api") -> dict[str, Any]:
         """Fail ``master`` over (fence first). Manual calls ignore pause and cooldown."""
         self._known(master)
-        duties = self.duties_of(master)
+        duties = self.duties.duties_of(master)
         if not duties:
             raise FailoverRejected(409, f"master {master!r} holds no duties (it is standby)")
         return await self._start("failover", master, master, duties, to, trigger, reason, actor)
@@ -350,7 +328,7 @@ class FailoverManager(JournalRecovery):
         """Graceful: ``to`` is activated before ``frm`` is released. A ``frm`` that is not
         serving cannot hand over gracefully, so that becomes a (fencing) failover."""
         rt = self._known(frm)
-        duties = self.duties_of(frm)
+        duties = self.duties.duties_of(frm)
         if not duties:
             raise FailoverRejected(409, f"master {frm!r} holds no duties (it is standby)")
         if rt.health.state not in SERVING:
@@ -362,7 +340,7 @@ class FailoverManager(JournalRecovery):
                        actor: str = "api") -> dict[str, Any]:
         """``name`` takes its own duty back from its holder (state fetched from the holder)."""
         rt = self._known(name)
-        holder = self.assignments.get(name)
+        holder = self.duties.assigned_away(name)
         if holder is None:
             raise FailoverRejected(409, f"master {name!r} already holds its own duty")
         hrt = self.fleet.get(holder)
@@ -405,7 +383,7 @@ class FailoverManager(JournalRecovery):
         for name in exclude:
             busy.setdefault(name, "source of this move")
         regions = rt.config.failover_regions or None
-        ranking = rank(rt, self.fleet, maintenance=self.maintenance, busy=busy,
+        ranking = rank(rt, self.fleet, self.duties.role_of, busy=busy,
                        allowed_regions=regions)
         if to is not None:
             entry = next((c for c in ranking.candidates if c["name"] == to), None)
@@ -586,7 +564,7 @@ class FailoverManager(JournalRecovery):
         assert move.ranking is not None
         name = cand.name
         self._busy[name] = f"taking over {move.master} (failover #{move.id})"
-        had = self.duties_of(name)
+        had = self.duties.duties_of(name)
         try:
             await self._attempt(move, cand, snapshot)
         except StepFailed as exc:
@@ -641,7 +619,8 @@ class FailoverManager(JournalRecovery):
 
     async def _attempt(self, move: Move, cand: MasterRuntime, snap: Snapshot | None) -> None:
         url, name = cand.config.url, cand.name
-        had = self.duties_of(name)  # journalled: recovery must know how to undo this candidate
+        # journalled: recovery must know how to undo this candidate
+        had = self.duties.duties_of(name)
         if snap is not None:
             stored = await self._step(move, "import", name, lambda tt: self.client.import_state(
                 name, url, snap, timeout=tt), detail={
@@ -665,13 +644,7 @@ class FailoverManager(JournalRecovery):
         self._step_done(move, "routing", t, detail={"duties": move.duties}, backup=name)
 
     def _commit_routing(self, move: Move, holder: str) -> None:
-        self.store.move_duties(move.duties, holder, time.time(), move.id)
-        for duty in move.duties:
-            if duty == holder:
-                self.assignments.pop(duty, None)
-            else:
-                self.assignments[duty] = holder
-        self.apply_roles()
+        self.duties.move(move.duties, holder, time.time(), move.id)
         if self.on_routing_change is not None:
             try:
                 self.on_routing_change(move.master, holder)
@@ -697,7 +670,7 @@ class FailoverManager(JournalRecovery):
             elif action == "drop_import":
                 await self.client.drop_import(rt.name, url, str(arg), timeout=timeout)
             elif action == "unfence":
-                for duty in self.duties_of(rt.name):
+                for duty in self.duties.duties_of(rt.name):
                     await self.client.activate(rt.name, url, None if duty == rt.name else duty,
                                                timeout=timeout)
         except MasterCallError as exc:
@@ -711,7 +684,7 @@ class FailoverManager(JournalRecovery):
         """Undo a candidate's steps in reverse: its activations (a candidate that held nothing
         before is fenced back to an inactive standby), then its import."""
         t = time.perf_counter()
-        had = self.duties_of(cand.name) if had is None else had
+        had = self.duties.duties_of(cand.name) if had is None else had
         self.store.journal(move.id, "rollback", "begin", cand.name)
         errors: list[str] = []
         if not had:
@@ -745,7 +718,7 @@ class FailoverManager(JournalRecovery):
             if duty != src.name:
                 await self._undo(src, "release", duty, move, errors)
                 await self._undo(src, "drop_import", duty, move, errors)
-        if not self.duties_of(src.name):
+        if not self.duties.duties_of(src.name):
             await self._undo(src, "fence", None, move, errors)
         self._step_done(move, "release", t, "error" if errors else "ok",
                         {"errors": errors} if errors else {"master": src.name})
@@ -881,7 +854,8 @@ class FailoverManager(JournalRecovery):
     async def checkpoint_round(self) -> dict[str, bool]:
         """Pull GET /state from every serving active master not mid-move; keep the latest."""
         busy = set(self._inflight) | set(self._busy)
-        return await self.checkpoints.round(self.fleet, self.config.failover.step_timeout,
+        active = [rt for rt in self.fleet if self.duties.role_of(rt.name) == "active"]
+        return await self.checkpoints.round(active, self.config.failover.step_timeout,
                                             skip=busy.__contains__)
 
     async def reconcile(self) -> None:
@@ -891,9 +865,9 @@ class FailoverManager(JournalRecovery):
         recovered master with failback auto gets its duty back."""
         await self._run_cleanups()
         for rt in self.fleet:  # safety, even while paused: fence a returning split brain
-            holder = self.assignments.get(rt.name)
+            holder = self.duties.assigned_away(rt.name)
             if (rt.reported_active and holder is not None and rt.name not in self._inflight
-                    and not self.duties_of(rt.name)):
+                    and not self.duties.duties_of(rt.name)):
                 await self._fence_returning(rt, holder)
                 rt.reported_active = None  # until the next probe says otherwise
         if not self.automatic:
@@ -902,10 +876,11 @@ class FailoverManager(JournalRecovery):
             name = rt.name
             if name in self._inflight:
                 continue
-            if rt.health.state is State.FAILED and self.duties_of(name):
+            if rt.health.state is State.FAILED and self.duties.duties_of(name):
                 if self._cooldown_left(name) is None:
                     await self.auto_failover(name, "still failed after cooldown; retrying")
-            elif (self.config.failover.failback == "auto" and name in self.assignments
+            elif (self.config.failover.failback == "auto"
+                  and self.duties.assigned_away(name) is not None
                   and rt.health.state in SERVING
                   and self._cooldown_left(name, fleet=False) is None):
                 with contextlib.suppress(FailoverRejected):
@@ -923,10 +898,10 @@ class FailoverManager(JournalRecovery):
             if only is not None and name != only:
                 continue
             still_needed = {
-                "fence": not self.duties_of(name),
-                "release": arg is not None and self.holder_of(arg) != name,
-                "drop_import": arg is not None and self.holder_of(arg) != name,
-                "unfence": bool(self.duties_of(name)),
+                "fence": not self.duties.duties_of(name),
+                "release": arg is not None and self.duties.holder_of(arg) != name,
+                "drop_import": arg is not None and self.duties.holder_of(arg) != name,
+                "unfence": bool(self.duties.duties_of(name)),
             }.get(action, False)
             if still_needed:
                 errors: list[str] = []

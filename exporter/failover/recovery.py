@@ -12,7 +12,7 @@ from typing import Any
 
 from exporter.failover.moves import Aborted, Move, StepFailed
 from exporter.failover.protocol import MasterCallError
-from exporter.fleet.runtime import MasterRuntime
+from exporter.fleet import MasterRuntime
 
 log = logging.getLogger(__name__)
 

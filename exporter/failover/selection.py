@@ -9,12 +9,11 @@ standby before active, lower priority number, same region as the failed master, 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.fleet.health import State
-from exporter.fleet.runtime import MasterRuntime
+from exporter.fleet import MasterRuntime, State
 
 
 @dataclass(slots=True)
@@ -34,15 +33,15 @@ class Ranking:
             entry["outcome"] = outcome
 
 
-def _passed_over(rt: MasterRuntime, failed: str, maintenance: Collection[str],
-                 busy: Mapping[str, str], allowed_regions: Collection[str] | None) -> str | None:
+def _passed_over(rt: MasterRuntime, failed: str, busy: Mapping[str, str],
+                 allowed_regions: Collection[str] | None) -> str | None:
     name = rt.name
     if name == failed:
         return "is the master being failed away from"
     if rt.config.failover == "never":
         return "excluded by config (failover: never)"
     state = rt.health.state
-    if name in maintenance or state is State.MAINTENANCE:
+    if state is State.MAINTENANCE:
         return "in maintenance"
     if name in busy:
         return f"mid-takeover ({busy[name]})"
@@ -53,26 +52,28 @@ def _passed_over(rt: MasterRuntime, failed: str, maintenance: Collection[str],
     return None
 
 
-def rank(failed: MasterRuntime, fleet: Iterable[MasterRuntime], *,
-         maintenance: Collection[str] = (), busy: Mapping[str, str] | None = None,
+def rank(failed: MasterRuntime, fleet: Iterable[MasterRuntime], role_of: Callable[[str], str],
+         *, busy: Mapping[str, str] | None = None,
          allowed_regions: Collection[str] | None = None, explain: bool = True) -> Ranking:
-    """Rank every master as a backup for ``failed``; ``busy`` maps names to why they are
-    mid-takeover. ``explain=False`` skips the per-master explanations (for hot paths)."""
+    """Rank every master as a backup for ``failed``; ``role_of`` gives each master's current
+    role, ``busy`` maps names to why they are mid-takeover. ``explain=False`` skips the
+    per-master explanations (for hot paths)."""
     busy = busy or {}
     region = failed.config.region
     eligible: list[tuple[tuple[int, int, int, float, str], MasterRuntime]] = []
     candidates: list[dict[str, Any]] = []
     by_name: dict[str, dict[str, Any]] = {}
     for rt in fleet:
-        reason = _passed_over(rt, failed.name, maintenance, busy, allowed_regions)
+        reason = _passed_over(rt, failed.name, busy, allowed_regions)
+        role = role_of(rt.name)
         if reason is None:
             cfg = rt.config
             load = float(rt.queue_length or 0.0)
-            key = (0 if rt.role == "standby" else 1, cfg.priority,
+            key = (0 if role == "standby" else 1, cfg.priority,
                    0 if cfg.region == region else 1, load, cfg.name)
             eligible.append((key, rt))
         if explain and rt.name != failed.name:
-            entry = {"name": rt.name, "role": rt.role, "priority": rt.config.priority,
+            entry = {"name": rt.name, "role": role, "priority": rt.config.priority,
                      "region": rt.config.region, "state": str(rt.health.state),
                      "queue_length": rt.queue_length, "eligible": reason is None,
                      "rank": None, "reason": reason}
@@ -85,17 +86,20 @@ def rank(failed: MasterRuntime, fleet: Iterable[MasterRuntime], *,
         for i, rt in enumerate(order):
             entry = by_name[rt.name]
             entry["rank"] = i + 1
-            entry["reason"] = "best candidate" if rt is best else _behind(rt, best, region)
+            entry["reason"] = ("best candidate" if rt is best
+                               else _behind(rt, best, region, role_of))
         candidates.sort(key=lambda e: (e["rank"] is None, e["rank"] or 0, e["name"]))
     return Ranking(order=order, candidates=candidates, _by_name=by_name)
 
 
-def _behind(rt: MasterRuntime, best: MasterRuntime | None, region: str) -> str:
+def _behind(rt: MasterRuntime, best: MasterRuntime | None, region: str,
+            role_of: Callable[[str], str]) -> str:
     """Why an eligible master ranks below the best one: the first rule that separates them."""
     if best is None:
         return ""
-    if rt.role != best.role:
-        return f"{rt.role}, ranked after standby {best.name}"
+    role = role_of(rt.name)
+    if role != role_of(best.name):
+        return f"{role}, ranked after standby {best.name}"
     if rt.config.priority != best.config.priority:
         return f"priority {rt.config.priority} > {best.config.priority} of {best.name}"
     if (rt.config.region == region) != (best.config.region == region):

@@ -7,48 +7,8 @@ cost little memory. Every transition is returned to the caller, which logs and p
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from enum import StrEnum
-
-log = logging.getLogger(__name__)
-
-
-class State(StrEnum):
-    HEALTHY = "healthy"
-    DEGRADED = "degraded"
-    FAILED = "failed"
-    RECOVERING = "recovering"
-    MAINTENANCE = "maintenance"
-
-
-STATES: tuple[State, ...] = tuple(State)
-SERVING = frozenset({State.HEALTHY, State.DEGRADED})
-
-
-class Result(StrEnum):
-    SUCCESS = "success"
-    TIMEOUT = "timeout"
-    CONNECT_ERROR = "connect_error"
-    HTTP_ERROR = "http_error"
-    INVALID_RESPONSE = "invalid_response"
-    UNHEALTHY = "unhealthy"
-
-
-RESULTS: tuple[Result, ...] = tuple(Result)
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """One state change, as published to subscribers (failover, balancing, store)."""
-
-    master: str
-    old: State
-    new: State
-    reason: str
-    at: float  # wall clock, seconds since the epoch
+from exporter.fleet.events import Transition
+from exporter.fleet.states import SERVING, State
 
 
 class HealthMachine:
@@ -159,53 +119,3 @@ class HealthMachine:
 
     def recovery_timed_out(self, now: float, recovery_timeout: float) -> bool:
         return self.failed_since is not None and now - self.failed_since > recovery_timeout
-
-
-Subscriber = Callable[[Transition], Awaitable[None] | None]
-
-
-class EventBus:
-    """In-process publish/subscribe of transitions; a failing subscriber never stops the others."""
-
-    def __init__(self) -> None:
-        self._subscribers: list[Subscriber] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def subscribe(self, fn: Subscriber) -> None:
-        self._subscribers.append(fn)
-
-    def publish(self, event: Transition) -> None:
-        log.info(
-            "master %s: %s -> %s (%s)",
-            event.master,
-            event.old,
-            event.new,
-            event.reason,
-            extra={
-                "master": event.master,
-                "from": str(event.old),
-                "to": str(event.new),
-                "reason": event.reason,
-                "event": "transition",
-            },
-        )
-        for fn in self._subscribers:
-            try:
-                result = fn(event)
-            except Exception:
-                log.exception("subscriber %r failed on %s", fn, event)
-                continue
-            if asyncio.iscoroutine(result):
-                task = asyncio.ensure_future(result)
-                self._tasks.add(task)
-                task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("subscriber failed", exc_info=task.exception())
-
-    async def drain(self) -> None:
-        """Wait for subscriber tasks still running (used on shutdown and in tests)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -1,7 +1,8 @@
 """The fleet as the exporter sees it at run time: one compact record per master.
 
-Probing writes into these records, health decides on them, metrics and the API read them,
-failover changes roles. ``__slots__`` and flat fields keep 10,000 masters cheap.
+A probe's outcome is folded into its master's record in one place (``MasterRuntime.apply``),
+which also feeds the health machine; metrics, the API and failover only read the records.
+``__slots__`` and flat fields keep 10,000 masters cheap.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ import time
 from collections.abc import Iterator, Sequence
 
 from exporter.config import MasterConfig, ProbeConfig
-from exporter.fleet.health import RESULTS, HealthMachine, State
+from exporter.fleet.events import Transition
+from exporter.fleet.health import HealthMachine
+from exporter.fleet.states import RESULTS, Outcome, Result, State
+
+_RESULT_INDEX = {r: i for i, r in enumerate(RESULTS)}
 
 # Probe latency buckets (seconds): loopback to a 2 s timeout; shared by metrics and rules.
 PROBE_BUCKETS: tuple[float, ...] = (
@@ -48,7 +53,6 @@ class MasterRuntime:
         "queue_length",
         "reported_active",
         "result_counts",
-        "role",
         "up",
     )
 
@@ -56,7 +60,6 @@ class MasterRuntime:
         self, config: MasterConfig, probe: ProbeConfig, max_recovery_attempts: int
     ) -> None:
         self.config = config
-        self.role = config.role
         self.health = HealthMachine(
             config.name, probe.failure_threshold, probe.recovery_threshold, max_recovery_attempts
         )
@@ -83,6 +86,30 @@ class MasterRuntime:
     def state(self) -> State:
         return self.health.state
 
+    def apply(self, outcome: Outcome, now: float) -> Transition | None:
+        """Fold one probe into the record and the health machine; the transition it caused,
+        if any, is for the caller to publish."""
+        self.last_probe_wall = now
+        self.last_latency = outcome.latency
+        self.record_latency(outcome.latency)
+        self.result_counts[_RESULT_INDEX[outcome.result]] += 1
+        ok = outcome.result is Result.SUCCESS
+        self.up = ok
+        self.last_status = str(outcome.result)
+        self.last_error = "" if ok else outcome.detail
+        payload = outcome.payload
+        if payload is not None:
+            self.queue_length = payload.get("queue_length", self.queue_length)
+            self.active_messages = payload.get("active_messages", self.active_messages)
+            self.cpu_percent = payload.get("cpu_percent", self.cpu_percent)
+            self.memory_percent = payload.get("memory_percent", self.memory_percent)
+            active = payload.get("active")
+            self.reported_active = active if isinstance(active, bool) else None
+        else:
+            self.reported_active = None  # no answer is no evidence that it is (still) active
+        reason = str(outcome.result) + (f": {outcome.detail}" if outcome.detail else "")
+        return self.health.observe(ok, outcome.degraded, reason, now)
+
     def record_latency(self, seconds: float) -> None:
         self.probe_sum += seconds
         for i, bound in enumerate(PROBE_BUCKETS):
@@ -91,8 +118,8 @@ class MasterRuntime:
                 return
         self.bucket_counts[-1] += 1
 
-    def as_dict(self, recovery_timeout: float, now: float | None = None) -> dict:
-        """The JSON shape of /api/v1/masters."""
+    def as_dict(self, role: str, recovery_timeout: float, now: float | None = None) -> dict:
+        """The JSON shape of /api/v1/masters; ``role`` comes from the duty table."""
         now = time.time() if now is None else now
         h = self.health
         return {
@@ -100,7 +127,7 @@ class MasterRuntime:
             "url": self.config.url,
             "region": self.config.region,
             "priority": self.config.priority,
-            "role": self.role,
+            "role": role,
             "configured_role": self.config.role,
             "weight": self.config.weight,
             "state": str(h.state),
@@ -146,8 +173,6 @@ class Fleet:
             else:
                 if rt.config != cfg:
                     changed.append(cfg.name)
-                    if rt.config.role != cfg.role:
-                        rt.role = cfg.role
                 rt.config = cfg
             h = rt.health
             h.failure_threshold = probe.failure_threshold

@@ -16,7 +16,6 @@ import random
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import aiohttp
@@ -24,24 +23,12 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from exporter.config import ProbeConfig
-from exporter.fleet.health import Result
-from exporter.fleet.runtime import Fleet, MasterRuntime
+from exporter.fleet import Fleet, MasterRuntime, Outcome, Result
 
 log = logging.getLogger(__name__)
 
 _STATUSES = {"ok": False, "degraded": True}  # status -> degraded?
 _NUMERIC_FIELDS = ("queue_length", "active_messages", "cpu_percent", "memory_percent")
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one probe found; ``detail`` is the human reason shown in logs and the API."""
-
-    result: Result
-    latency: float
-    degraded: bool = False
-    detail: str = ""
-    payload: dict | None = None
 
 
 def classify(status: int, body: bytes, latency: float, degraded_latency: float) -> Outcome:

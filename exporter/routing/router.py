@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from exporter.config import STRATEGIES, BalancingConfig, MasterConfig
-from exporter.fleet.health import SERVING, State
+from exporter.fleet import SERVING, RoleChanged, Sample, State, Transition
 from exporter.routing.rebalancing import LoadSample, RebalanceEvent, Rebalancer
 from exporter.routing.rebalancing import distribution_quality as _quality
 from exporter.routing.strategies import HashRing, Loads, Picker, Pool, Topology, build_picker
@@ -108,8 +108,8 @@ class Router:
     # ---- configuration ------------------------------------------------------------------
 
     def update_config(self, balancing: BalancingConfig, masters: Sequence[MasterConfig]) -> None:
-        """Reload. Masters keep their routing state by name; a changed configured role wins
-        over the runtime one (as in Fleet.update). The configured strategy replaces a run-time
+        """Reload. Masters keep their routing state by name, roles included (the duty table
+        publishes a role a reload changes). The configured strategy replaces a run-time
         choice only when the configured value itself changed, so a reload does not silently
         undo a PUT /api/v1/balancing/strategy."""
         if balancing.strategy != self._balancing.strategy:
@@ -139,10 +139,6 @@ class Router:
                 known.append(False)
             else:
                 m = old_members[i]
-                if m.config.role != cfg.role:
-                    m.role = cfg.role
-                    if m.role != ACTIVE:
-                        m.ejected = False
                 m.config = cfg
                 queue.append(old_loads.queue[i])
                 in_flight.append(old_loads.in_flight[i])
@@ -167,6 +163,24 @@ class Router:
         self._n_ejected = sum(m.ejected for m in members)
         self._labels_for: str | None = None
         self._mark_dirty()
+
+    # ---- inputs: the fleet's events ----------------------------------------------------------
+
+    def on_transition(self, t: Transition) -> None:
+        if t.master in self._index:
+            self.set_state(t.master, t.new)
+
+    def on_sample(self, s: Sample) -> None:
+        """After a successful probe the health machine's state is fed in (it re-admits an
+        ejected master); a failed probe under the threshold must not re-admit one."""
+        if s.master in self._index:
+            if s.ok:
+                self.set_state(s.master, s.state)
+            self.set_load(s.master, s.queue_length)
+
+    def on_role(self, e: RoleChanged) -> None:
+        if e.master in self._index:
+            self.set_role(e.master, e.new)
 
     # ---- inputs -------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from aiohttp import web
 from exporter.config import Config, format_duration, parse_config, parse_duration
 from exporter.service import Service
 from exporter.sim.master import SimulatedMaster, create_app
+from exporter.web.server import running
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ async def _chaos(
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
-        active = [rt for rt in service.fleet if rt.role == "active"]
+        active = [rt for rt in service.fleet if service.duties.role_of(rt.name) == "active"]
         if stop.is_set() or not active:
             return
         victim = rng.choice(active)
@@ -131,8 +132,16 @@ async def run_demo(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await service.start()
-    base = f"http://127.0.0.1:{service.bound_port}"
+    async with running(service) as server:
+        await _serve_demo(args, cfg, service, token, f"http://127.0.0.1:{server.port}", stop)
+    for runner in runners:
+        await runner.cleanup()
+    print("demo stopped", flush=True)
+
+
+async def _serve_demo(args: argparse.Namespace, cfg: Config, service: Service, token: str,
+                      base: str, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
     print(
         f"""
 ha-exporter demo: {len(cfg.masters)} simulated masters, exporter on {base}
@@ -161,7 +170,3 @@ Ctrl-C stops everything.
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    await service.stop()
-    for runner in runners:
-        await runner.cleanup()
-    print("demo stopped", flush=True)

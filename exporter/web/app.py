@@ -120,12 +120,16 @@ async def readyz(request: web.Request) -> web.Response:
 async def masters(request: web.Request) -> web.Response:
     svc = service_of(request)
     timeout = svc.config.failover.recovery_timeout
-    return json_response({"masters": [rt.as_dict(timeout) for rt in svc.fleet]})
+    role_of = svc.duties.role_of
+    return json_response({"masters": [rt.as_dict(role_of(rt.name), timeout) for rt in svc.fleet]})
 
 
 async def master(request: web.Request) -> web.Response:
     rt = master_or_404(request)
-    return json_response(rt.as_dict(service_of(request).config.failover.recovery_timeout))
+    svc = service_of(request)
+    return json_response(
+        rt.as_dict(svc.duties.role_of(rt.name), svc.config.failover.recovery_timeout)
+    )
 
 
 async def reload(request: web.Request) -> web.Response:
@@ -149,6 +153,8 @@ def create_app(service: Service) -> web.Application:
     app.router.add_get("/api/v1/masters", masters)
     app.router.add_get("/api/v1/masters/{name}", master)
     app.router.add_post("/-/reload", reload)
-    for add_routes in service.route_modules():
+    from exporter.web import failover, routing, statuspage  # they import this module's helpers
+
+    for add_routes in (statuspage.add_routes, routing.add_routes, failover.add_routes):
         add_routes(app)
     return app

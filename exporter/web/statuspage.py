@@ -79,7 +79,7 @@ async def status_page(request: web.Request) -> web.Response:
     weights = service.routing_weights()
     masters = []
     for rt in service.fleet:
-        m = rt.as_dict(timeout)
+        m = rt.as_dict(service.duties.role_of(rt.name), timeout)
         m["weight_effective"] = weights.get(rt.name, 0.0)
         masters.append(m)
     failovers = [dict(f, when=_utc(f.get("started"))) for f in service.recent_failovers(10)]

@@ -23,10 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.config import Config, parse_config
+from exporter.failover.duties import DutyTable
 from exporter.failover.manager import FailoverManager, FailoverRejected
 from exporter.failover.protocol import MasterCallError, parse_snapshot
-from exporter.fleet.health import State, Transition
-from exporter.fleet.runtime import Fleet
+from exporter.fleet import Fleet, State, Transition
 from exporter.sim.master import SimulatedMaster, create_app, snapshot_checksum
 from exporter.store.sqlite import Store
 from tests.support import free_port, wait_for
@@ -34,6 +34,11 @@ from tests.support import free_port, wait_for
 # name, region, role, priority
 FLEET = (("a", "uae", "active", 1), ("b", "usa", "active", 2),
          ("c", "uae", "standby", 3), ("d", "usa", "standby", 3))
+
+
+def _ignore(_event: object) -> None:
+    """Events nobody in this test listens to."""
+
 
 
 def make_config(urls: dict[str, str], state_path: str, specs=FLEET, **failover: Any) -> Config:
@@ -74,8 +79,14 @@ class Lab:
         return self
 
     def new_manager(self) -> FailoverManager:
-        return FailoverManager(self.config, self.fleet, self.store, self.session,
+        """A manager as a restart makes it: duties and pause read back from the store."""
+        self.duties = DutyTable(self.config.masters, self.store, _ignore)
+        self.duties.restore()
+        return FailoverManager(self.config, self.fleet, self.store, self.duties, self.session,
                                on_routing_change=lambda m, b: self.routing.append((m, b)))
+
+    def role(self, name: str) -> str:
+        return self.duties.role_of(name)
 
     async def start_master(self, name: str, region: str, role: str, port: int = 0) -> None:
         sim = SimulatedMaster(name, region, role)
@@ -160,7 +171,7 @@ async def test_best_standby_takes_over_with_checkpointed_state(tmp_path):
         assert health["active"] is True
         assert lab.holders_of("a") == ["c"]
         # the exporter's view
-        assert lab.fleet.get("a").role == "standby" and lab.fleet.get("c").role == "active"
+        assert lab.role("a") == "standby" and lab.role("c") == "active"
         assert lab.routing == [("a", "c")]
         assert lab.store.assignments()["a"]["backup"] == "c"
         steps = [s["step"] for s in record["steps"]]
@@ -236,7 +247,7 @@ async def test_every_candidate_fails_nothing_half_active(tmp_path):
         for name in ("c", "d"):
             assert not lab.sims[name].active and lab.sims[name].imported == {}
         assert lab.sims["b"].duties == ["b"] and "a" not in lab.sims["b"].imported
-        assert lab.fleet.get("a").role == "active" and lab.fleet.get("c").role == "standby"
+        assert lab.role("a") == "active" and lab.role("c") == "standby"
         assert lab.store.assignments() == {}
         assert lab.mgr.stats.results == {("a", "failed"): 1}
         assert lab.mgr.stats.candidate_rollbacks == {"a": 3}
@@ -297,7 +308,7 @@ async def test_fleet_cooldown_and_failback_after_cooldown(tmp_path):
         assert rec["kind"] == "failback" and rec["result"] == "success", rec
         assert lab.holders_of("a") == ["a"]
         assert not lab.sims["c"].active and "a" not in lab.sims["c"].imported
-        assert lab.fleet.get("a").role == "active" and lab.fleet.get("c").role == "standby"
+        assert lab.role("a") == "active" and lab.role("c") == "standby"
         assert lab.store.assignments() == {}
 
 
@@ -316,7 +327,7 @@ async def test_dry_run_changes_nothing(tmp_path):
         assert lab.calls == []  # not a single call to any master
         assert {n: (s.active, list(s.duties), dict(s.imported))
                 for n, s in lab.sims.items()} == before
-        assert lab.fleet.get("a").role == "active" and lab.store.assignments() == {}
+        assert lab.role("a") == "active" and lab.store.assignments() == {}
         assert lab.mgr.stats.results == {("a", "dry_run"): 1}
 
 
@@ -529,7 +540,7 @@ async def test_restart_after_completed_failover_no_new_failover(tmp_path):
         lab.fleet = Fleet(lab.config.masters, lab.config.probe, 5)
         mgr2 = lab.new_manager()
         assert await mgr2.recover_journal() == []
-        assert lab.fleet.get("a").role == "standby" and lab.fleet.get("c").role == "active"
+        assert lab.role("a") == "standby" and lab.role("c") == "active"
         await mgr2.on_transition(lab.fail("a"))  # the dead master is detected again
         assert lab.store.count_failovers() == 1
         assert lab.store.list_failovers()[0]["result"] == "success"
@@ -565,10 +576,10 @@ async def test_recovery_rolls_forward_import_done_before_crash(tmp_path):
         assert rec["id"] == fid and rec["result"] == "success", rec
         assert "rolled forward" in rec["reason"]
         assert lab.holders_of("a") == ["c"]
-        assert lab.fleet.get("a").role == "standby"
+        assert lab.role("a") == "standby"
         assert await mgr.recover_journal() == []  # exactly once
-        assert lab.new_manager().assignments == {"a": "c"}
-        await lab.mgr.on_transition(lab.fail("a"))
+        assert lab.new_manager().duties.assignments() == {"a": "c"}
+        await mgr.on_transition(lab.fail("a"))
         assert lab.store.count_failovers() == 1  # never a second failover for that failure
 
 
@@ -580,7 +591,7 @@ async def test_recovery_rolls_back_when_import_never_landed(tmp_path):
         assert rec["id"] == fid and rec["result"] == "rolled_back"
         assert lab.holders_of("a") == ["a"]  # un-fenced: status quo ante
         assert not lab.sims["c"].active
-        assert lab.fleet.get("a").role == "active"
+        assert lab.role("a") == "active"
         assert lab.store.unfinished_failovers() == []
 
 
@@ -645,7 +656,7 @@ async def test_sigkilled_master_process_state_moves_to_standby_process(tmp_path,
             async with session.post(f"{urls['a']}/messages",
                                     json={"id": f"k{i}", "chat": "+9715"}) as r:
                 assert r.status == 202
-        mgr = FailoverManager(cfg, fleet, store, session)
+        mgr = FailoverManager(cfg, fleet, store, DutyTable(cfg.masters, store, _ignore), session)
         assert (await mgr.checkpoint_round())["a"]
         _, _, raw = store.checkpoint("a")
         checkpointed = json.loads(raw)
@@ -673,9 +684,9 @@ async def test_sigkilled_master_process_state_moves_to_standby_process(tmp_path,
 CRASHING_MANAGER = textwrap.dedent("""
     import asyncio, json, os, signal, sys, aiohttp
     from exporter.config import parse_config
+    from exporter.failover.duties import DutyTable
     from exporter.failover.manager import FailoverManager
-    from exporter.fleet.runtime import Fleet
-    from exporter.fleet.health import State
+    from exporter.fleet import Fleet, State
     from exporter.failover.protocol import MasterClient
     from exporter.store.sqlite import Store
 
@@ -689,7 +700,9 @@ CRASHING_MANAGER = textwrap.dedent("""
     async def main():
         async with aiohttp.ClientSession() as session:
             fleet = Fleet(cfg.masters, cfg.probe, 5)
-            mgr = FailoverManager(cfg, fleet, Store(cfg.state_path), session)
+            store = Store(cfg.state_path)
+            duties = DutyTable(cfg.masters, store, lambda _event: None)
+            mgr = FailoverManager(cfg, fleet, store, duties, session)
             await mgr.checkpoint_round()
             fleet.get("a").health.state = State.FAILED
             await mgr.failover("a", trigger="auto", reason="health: timeout")
@@ -720,7 +733,7 @@ async def test_exporter_sigkilled_between_import_and_activate_recovers_once(tmp_
         async with session.get(f"{urls['c']}/health") as r:
             assert (await r.json())["active"] is False  # imported, not yet active
         fleet = Fleet(cfg.masters, cfg.probe, 5)
-        mgr = FailoverManager(cfg, fleet, store, session)
+        mgr = FailoverManager(cfg, fleet, store, DutyTable(cfg.masters, store, _ignore), session)
         [rec] = await mgr.recover_journal()
         assert rec["result"] == "success" and rec["backup"] == "c", rec
         async with session.get(f"{urls['c']}/health") as r:
@@ -730,7 +743,8 @@ async def test_exporter_sigkilled_between_import_and_activate_recovers_once(tmp_
         async with session.get(f"{urls['d']}/health") as r:
             assert (await r.json())["active"] is False
         # exactly once: a second restart recovers nothing, starts nothing
-        mgr2 = FailoverManager(cfg, Fleet(cfg.masters, cfg.probe, 5), store, session)
+        mgr2 = FailoverManager(cfg, Fleet(cfg.masters, cfg.probe, 5), store,
+                               DutyTable(cfg.masters, store, _ignore), session)
         assert await mgr2.recover_journal() == []
         await mgr2.on_transition(Transition("a", State.HEALTHY, State.FAILED, "t", 0.0))
         assert store.count_failovers() == 1

@@ -8,14 +8,17 @@ from hypothesis import strategies as st
 
 from exporter.config import MasterConfig, ProbeConfig
 from exporter.failover.selection import rank
-from exporter.fleet.health import State
-from exporter.fleet.runtime import Fleet
+from exporter.fleet import Fleet, State
 
 
 def fleet_of(*specs: dict) -> Fleet:
     masters = [MasterConfig(url=f"http://127.0.0.1:{9000 + i}", **spec)
                for i, spec in enumerate(specs)]
     return Fleet(masters, ProbeConfig(), 5)
+
+
+def configured(f: Fleet):
+    return lambda name: f.get(name).config.role
 
 
 def names(ranking) -> list[str]:
@@ -33,7 +36,7 @@ def test_standby_first_then_priority_region_load():
     )
     f.get("sb-uae").queue_length = 10
     f.get("sb-uae-busy").queue_length = 50
-    r = rank(f.get("dead"), f)
+    r = rank(f.get("dead"), f, configured(f))
     assert names(r) == ["sb-uae", "sb-uae-busy", "sb-usa", "sb-hi", "act"]
     why = {c["name"]: c["reason"] for c in r.candidates}
     assert why["sb-uae"] == "best candidate"
@@ -57,7 +60,8 @@ def test_passed_over_reasons():
     )
     f.get("degr").health.state = State.DEGRADED
     f.get("failed").health.state = State.FAILED
-    r = rank(f.get("dead"), f, maintenance={"maint"}, busy={"busy": "taking over x"},
+    f.get("maint").health.set_maintenance(True, 0.0)
+    r = rank(f.get("dead"), f, configured(f), busy={"busy": "taking over x"},
              allowed_regions={"default"})
     assert names(r) == ["ok"]
     why = {c["name"]: c["reason"] for c in r.candidates}
@@ -93,12 +97,12 @@ def test_ranking_is_total_and_sorted(specs):
         rt.health.state = s["state"]
         rt.queue_length = s["queue"]
     failed = f.get("m0")
-    r = rank(failed, f)
+    r = rank(failed, f, configured(f))
     expected_eligible = {rt.name for rt in f if rt.name != "m0"
                          and rt.config.failover == "allow" and rt.health.state is State.HEALTHY}
     assert set(names(r)) == expected_eligible
-    keys = [(rt.role != "standby", rt.config.priority, rt.config.region != failed.config.region,
-             rt.queue_length or 0) for rt in r.order]
+    keys = [(rt.config.role != "standby", rt.config.priority,
+             rt.config.region != failed.config.region, rt.queue_length or 0) for rt in r.order]
     assert keys == sorted(keys)
     assert len(r.candidates) == len(specs) - 1
     assert [c["rank"] for c in r.candidates if c["eligible"]] == list(range(1, len(r.order) + 1))

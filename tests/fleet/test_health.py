@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.fleet.health import EventBus, HealthMachine, State, Transition
+from exporter.fleet import HealthMachine, State, Transition
 
 thresholds = st.integers(min_value=1, max_value=6)
 probe_runs = st.lists(st.booleans(), max_size=200)
@@ -107,20 +107,3 @@ def test_degraded_and_maintenance():
         assert m.observe(False, False, "x", 3 + i) is None  # maintenance holds
     assert m.set_maintenance(False, 9).new is State.RECOVERING
 
-
-async def test_bus_delivers_to_every_subscriber_even_if_one_fails():
-    bus = EventBus()
-    got: list[str] = []
-
-    def broken(t: Transition) -> None:
-        raise RuntimeError("boom")
-
-    async def slow(t: Transition) -> None:
-        got.append("async:" + t.master)
-
-    bus.subscribe(broken)
-    bus.subscribe(lambda t: got.append("sync:" + t.master))
-    bus.subscribe(slow)
-    bus.publish(Transition("m1", State.HEALTHY, State.FAILED, "probe", 0.0))
-    await bus.drain()
-    assert got == ["sync:m1", "async:m1"]

@@ -9,8 +9,7 @@ import pytest
 from aiohttp import web
 
 from exporter.config import MasterConfig, ProbeConfig
-from exporter.fleet.health import Result
-from exporter.fleet.runtime import Fleet
+from exporter.fleet import Fleet, Result
 from exporter.probing.prober import Prober, classify, new_session, probe_once
 from tests.support import free_port, serve_app, wait_for
 

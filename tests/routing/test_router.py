@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.config import STRATEGIES, BalancingConfig, MasterConfig, RebalanceConfig
-from exporter.fleet.health import SERVING, State
+from exporter.fleet import SERVING, RoleChanged, State
 from exporter.routing.router import Decision, NoRoute, Router
 
 
@@ -428,6 +428,7 @@ def test_update_config_keeps_state_of_unchanged_masters() -> None:
     assert r.strategy == "priority"  # the configured value changed: it wins
     moved = [new[0].model_copy(update={"role": "standby"}), *new[1:]]
     r.update_config(BalancingConfig(strategy="priority"), moved)
+    r.on_role(RoleChanged("m0", "active", "standby"))  # what the duty table publishes then
     assert r.master_info("m0")["role"] == "standby"
 
 

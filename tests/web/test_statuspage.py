@@ -29,6 +29,7 @@ from aiohttp import web
 from exporter.config import parse_config
 from exporter.service import Service
 from exporter.sim.master import SimulatedMaster, create_app
+from exporter.web.server import running
 from exporter.web.statuspage import ALERTS_TIMEOUT
 from tests.support import free_port, serve_app, wait_for
 from tests.tools import require_binary
@@ -211,7 +212,10 @@ def alertmanager_app(seen: list[dict[str, str]], answer: str = "one alert") -> w
     return app
 
 
-async def start_service(tmp: Path, urls: dict[str, str], alertmanager: str) -> Service:
+@asynccontextmanager
+async def start_service(
+    tmp: Path, urls: dict[str, str], alertmanager: str
+) -> AsyncIterator[tuple[Service, str]]:
     cfg = parse_config({
         "state_path": str(tmp / "state.db"),
         "probe": {"interval": "500ms", "timeout": "400ms", "failure_threshold": 2},
@@ -225,8 +229,8 @@ async def start_service(tmp: Path, urls: dict[str, str], alertmanager: str) -> S
         "alertmanager": {"url": alertmanager},
     })
     svc = Service(cfg, token="t")
-    await svc.start(host="127.0.0.1", port=0)
-    return svc
+    async with running(svc, "127.0.0.1", 0) as server:
+        yield svc, f"http://127.0.0.1:{server.port}"
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -246,9 +250,9 @@ async def test_status_page_in_chromium_escaped_failovers_alerts_phone_and_deskto
             serve_app(create_app(sims["master-c"])) as uc, \
             serve_app(alertmanager_app(am_queries)) as am, \
             aiohttp.ClientSession() as http:
-        svc = await start_service(tmp_path, {"master-a": ua, "evil": ue, "master-c": uc}, am)
-        try:
-            page = f"http://127.0.0.1:{svc.bound_port}/"
+        urls = {"master-a": ua, "evil": ue, "master-c": uc}
+        async with start_service(tmp_path, urls, am) as (svc, base):
+            page = f"{base}/"
             await wait_for(lambda: svc.ready, 10, "the first probe round")
             async with http.post(f"{ua}/chaos", json={"mode": "down"}) as r:
                 assert r.status == 200  # master-a fails; the standby master-c takes over
@@ -286,8 +290,6 @@ async def test_status_page_in_chromium_escaped_failovers_alerts_phone_and_deskto
                 seen["refreshed"] = await browser.evaluate(READ_PAGE)
                 await asyncio.sleep(0)  # let a dialog event queued with the load be read
                 dialogs = list(browser.dialogs)
-        finally:
-            await svc.stop()
 
     assert dialogs == [], f"the page opened JavaScript dialogs: {dialogs}"
     for label, dom in seen.items():
@@ -346,14 +348,12 @@ async def test_status_page_renders_whatever_alertmanager_does(tmp_path, alertman
             serve_app(alertmanager_app(queries, alertmanager)) as fake, \
             aiohttp.ClientSession() as http:
         am = f"http://127.0.0.1:{free_port()}" if alertmanager == "dead port" else fake
-        svc = await start_service(tmp_path, {"master-a": ua, "evil": ue, "master-c": uc}, am)
-        try:
+        urls = {"master-a": ua, "evil": ue, "master-c": uc}
+        async with start_service(tmp_path, urls, am) as (_svc, base):
             started = time.monotonic()
-            async with http.get(f"http://127.0.0.1:{svc.bound_port}/") as r:
+            async with http.get(f"{base}/") as r:
                 text = await r.text()
             took = time.monotonic() - started
-        finally:
-            await svc.stop()
     assert r.status == 200
     assert took < ALERTS_TIMEOUT + 2, f"the page waited {took:.1f}s for Alertmanager"
     assert 'id="masters"' in text and 'data-master="master-a"' in text  # the rest renders
