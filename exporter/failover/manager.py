@@ -39,12 +39,18 @@ from exporter.config import Config
 from exporter.failover import hooks
 from exporter.failover.checkpoints import Checkpointer
 from exporter.failover.duties import DutyTable
+from exporter.failover.errors import (
+    Conflict,
+    FailoverRejected,
+    InvalidRequest,
+    Unavailable,
+    UnknownMaster,
+)
 from exporter.failover.moves import (
     DURATION_BUCKETS,
     EXECUTED,
     RESULTS,
     Aborted,
-    FailoverRejected,
     FailoverStats,
     Move,
     RoutingCallback,
@@ -306,7 +312,7 @@ class FailoverManager(JournalRecovery):
     def _known(self, name: str) -> MasterRuntime:
         rt = self.fleet.get(name)
         if rt is None:
-            raise FailoverRejected(404, f"unknown master {name!r}")
+            raise UnknownMaster(f"unknown master {name!r}")
         return rt
 
     def _publish(self, t: Transition | None) -> None:
@@ -320,7 +326,7 @@ class FailoverManager(JournalRecovery):
         self._known(master)
         duties = self.duties.duties_of(master)
         if not duties:
-            raise FailoverRejected(409, f"master {master!r} holds no duties (it is standby)")
+            raise Conflict(f"master {master!r} holds no duties (it is standby)")
         return await self._start("failover", master, master, duties, to, trigger, reason, actor)
 
     async def switchover(self, frm: str, to: str | None = None, actor: str = "api",
@@ -330,7 +336,7 @@ class FailoverManager(JournalRecovery):
         rt = self._known(frm)
         duties = self.duties.duties_of(frm)
         if not duties:
-            raise FailoverRejected(409, f"master {frm!r} holds no duties (it is standby)")
+            raise Conflict(f"master {frm!r} holds no duties (it is standby)")
         if rt.health.state not in SERVING:
             return await self.failover(frm, to, "manual", f"{reason} (source {rt.health.state})",
                                        actor)
@@ -342,10 +348,10 @@ class FailoverManager(JournalRecovery):
         rt = self._known(name)
         holder = self.duties.assigned_away(name)
         if holder is None:
-            raise FailoverRejected(409, f"master {name!r} already holds its own duty")
+            raise Conflict(f"master {name!r} already holds its own duty")
         hrt = self.fleet.get(holder)
         if hrt is None or hrt.health.state not in SERVING or rt.health.state not in SERVING:
-            raise FailoverRejected(409, f"failback of {name!r} needs it and its holder "
+            raise Conflict(f"failback of {name!r} needs it and its holder "
                                    f"{holder!r} serving")
         return await self._start("failback", name, holder, [name], name, trigger,
                                  f"failback of {name} from {holder}", actor)
@@ -353,15 +359,15 @@ class FailoverManager(JournalRecovery):
     async def _start(self, kind: str, master: str, source: str, duties: list[str],
                      to: str | None, trigger: str, reason: str, actor: str) -> dict[str, Any]:
         if self._stopping:
-            raise FailoverRejected(503, "exporter is shutting down")
+            raise Unavailable("exporter is shutting down")
         if master in self._inflight or source in self._inflight:
-            raise FailoverRejected(409, f"a failover of {master!r} is already running")
+            raise Conflict(f"a failover of {master!r} is already running")
         if master in self._busy:
-            raise FailoverRejected(409, f"master {master!r} is {self._busy[master]}")
+            raise Conflict(f"master {master!r} is {self._busy[master]}")
         if to is not None:
             self._known(to)
             if to == source:
-                raise FailoverRejected(400, "'to' must differ from the master failed from")
+                raise InvalidRequest("'to' must differ from the master failed from")
             if kind != "failback":
                 self._rank(master, to, (source,))  # raises 409 naming why 'to' is not eligible
         if self.config.failover.dry_run:
@@ -389,7 +395,7 @@ class FailoverManager(JournalRecovery):
             entry = next((c for c in ranking.candidates if c["name"] == to), None)
             if entry is None or not entry["eligible"]:
                 why = entry["reason"] if entry else "unknown"
-                raise FailoverRejected(409, f"requested backup {to!r} is not eligible: {why}")
+                raise Conflict(f"requested backup {to!r} is not eligible: {why}")
             for c in ranking.candidates:
                 if c["name"] != to and c["eligible"]:
                     c["reason"] = f"operator asked for {to}"

@@ -24,14 +24,6 @@ RoutingCallback = Callable[[str, str | None], None]
 ResultListener = Callable[[str, str, float | None], None]
 
 
-class FailoverRejected(Exception):
-    """A request the API must refuse; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 class StepFailed(Exception):
     def __init__(self, step: str, reason: str) -> None:
         super().__init__(f"{step}: {reason}")

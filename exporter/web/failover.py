@@ -11,7 +11,14 @@ from typing import Any
 
 from aiohttp import web
 
-from exporter.failover.manager import FailoverManager, FailoverRejected
+from exporter.failover.errors import (
+    Conflict,
+    FailoverRejected,
+    InvalidRequest,
+    Unavailable,
+    UnknownMaster,
+)
+from exporter.failover.manager import FailoverManager
 from exporter.web.app import ApiError, json_response, read_json, require_token, service_of
 
 MAX_PAGE = 500
@@ -41,11 +48,16 @@ def _manager(request: web.Request) -> FailoverManager:
     return fo
 
 
+_STATUS: dict[type[FailoverRejected], int] = {
+    UnknownMaster: 404, Conflict: 409, InvalidRequest: 400, Unavailable: 503,
+}
+
+
 async def _act(call: Callable[[], Awaitable[Any]]) -> Any:
     try:
         return await call()
     except FailoverRejected as exc:
-        raise ApiError(exc.status, str(exc)) from None
+        raise ApiError(_STATUS.get(type(exc), 409), str(exc)) from None
 
 
 async def failovers(request: web.Request) -> web.Response:
