@@ -143,7 +143,7 @@ class Client:
             self._own_session = True
         return self._session
 
-    async def route(self, key: str | None = None, region: str | None = None) -> dict:
+    async def route(self, key: str | None = None, region: str | None = None) -> dict[str, Any]:
         """One routing decision ``{"master", "url", "strategy"}``."""
         params = {k: v for k, v in (("key", key), ("region", region)) if v}
         try:
@@ -186,7 +186,7 @@ class Client:
 
     async def send(
         self, message: dict[str, Any], key: str | None = None, region: str | None = None
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Deliver ``message`` to a master: ``{"id", "master", "url", "strategy", "attempts",
         "response"}``. Raises DeliveryFailed after ``attempts`` failures, RequestRejected at
         once for a 4xx that another try cannot fix."""

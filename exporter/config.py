@@ -2,16 +2,17 @@
 
 Validation is pydantic's; this module adds what operators of Prometheus-family tools expect:
 Prometheus-style durations, percentages, unknown keys as errors, duplicate YAML keys as errors,
-and messages of the form ``masters[2].url: ...``.
+YAML merge keys (``<<: *defaults``) for fleets of similar masters, and messages of the form
+``masters[2].url: ...``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -23,6 +24,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yaml.constructor import ConstructorError
+from yaml.nodes import MappingNode, Node, SequenceNode
 
 _DURATION_RE = re.compile(
     r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m(?!s))?(?:(?P<s>\d+)s)?(?:(?P<ms>\d+)ms)?$"
@@ -63,23 +66,24 @@ def parse_fraction(value: Any) -> float:
     """'10%' or 0.1 to 0.1, for jitter and thresholds written either way."""
     if isinstance(value, bool):
         raise ValueError("expected a percentage such as 10%")
+    fraction: float
     if isinstance(value, str):
         text = value.strip()
         if not text.endswith("%"):
             raise ValueError(f"invalid percentage {value!r}: use e.g. 10%")
         try:
-            value = float(text[:-1]) / 100
+            fraction = float(text[:-1]) / 100
         except ValueError:
             raise ValueError(f"invalid percentage {value!r}: use e.g. 10%") from None
     elif isinstance(value, int | float):
-        value = float(value)
-        if value > 1:
-            value /= 100  # 50 means 50%
+        fraction = float(value)
+        if fraction > 1:
+            fraction /= 100  # 50 means 50%
     else:
         raise ValueError("expected a percentage such as 10%")
-    if not 0 <= value <= 1:
+    if not 0 <= fraction <= 1:
         raise ValueError("must be between 0% and 100%")
-    return value
+    return fraction
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -147,7 +151,7 @@ class RebalanceConfig(_Strict):
 
 
 Strategy = Literal["round_robin", "priority", "least_loaded", "geo", "consistent_hash"]
-STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 class BalancingConfig(_Strict):
@@ -255,25 +259,62 @@ class ConfigError(Exception):
         self.errors = errors
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys instead of keeping the last."""
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def _construct_mapping(
-    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
-) -> dict:
-    mapping: dict = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last, and applies
+    YAML 1.1 merge keys (``<<: *defaults``, ``<<: [*a, *b]``): a mapping's own keys override
+    merged ones, and of several merged mappings the earlier one wins a shared key."""
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        if not isinstance(node, MappingNode):
+            raise ConstructorError(
+                None, None, f"expected a mapping, but found {node.id}", node.start_mark
             )
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
+        merged: dict[Hashable, Any] = {}
+        own: dict[Hashable, Any] = {}
+        merge_seen = False
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                if merge_seen:
+                    raise ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        "duplicate key '<<'", key_node.start_mark,
+                    )
+                merge_seen = True
+                for source in self._merge_sources(value_node):
+                    for key, value in self.construct_mapping(source, deep=deep).items():
+                        merged.setdefault(key, value)
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    "found an unhashable key", key_node.start_mark,
+                )
+            if key in own:
+                raise ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r}", key_node.start_mark,
+                )
+            own[key] = self.construct_object(value_node, deep=deep)
+        merged.update(own)
+        return merged
 
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    @staticmethod
+    def _merge_sources(value_node: Node) -> list[MappingNode]:
+        """The mappings a ``<<`` value names, in precedence order (earlier wins)."""
+        if isinstance(value_node, MappingNode):
+            return [value_node]
+        if isinstance(value_node, SequenceNode) and all(
+            isinstance(item, MappingNode) for item in value_node.value
+        ):
+            return list(value_node.value)
+        raise ConstructorError(
+            None, None, "<< (merge) expects a mapping or a list of mappings, e.g. <<: *defaults",
+            value_node.start_mark,
+        )
 
 
 def _key_path(loc: Iterable[Any]) -> str:
@@ -332,7 +373,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def load_config_text(text: str) -> Config:
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        data = yaml.load(text, Loader=_ConfigLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"

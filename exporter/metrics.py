@@ -25,11 +25,11 @@ from prometheus_client import exposition as text_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
 
 from exporter import __version__
+from exporter.failover.moves import DURATION_BUCKETS
 from exporter.fleet import PROBE_BUCKETS, RESULTS, STATES, Fleet, MasterRuntime
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the classic format
 OM_CONTENT_TYPE = om_exposition.CONTENT_TYPE_LATEST
-FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def escape(value: str) -> str:
@@ -278,7 +278,7 @@ class ExporterMetrics:
         self.failover_duration = Histogram(
             "ha_failover_duration_seconds",
             "Time from failover start to its final result.",
-            buckets=FAILOVER_BUCKETS,
+            buckets=DURATION_BUCKETS,
             registry=r,
         )
         self.failover_in_progress = Gauge(
@@ -293,7 +293,7 @@ class ExporterMetrics:
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """Body and content type for a scrape, OpenMetrics when the Accept header asks."""
-        openmetrics = bool(accept) and "application/openmetrics-text" in accept
+        openmetrics = accept is not None and "application/openmetrics-text" in accept
         if openmetrics:
             head = om_exposition.generate_latest(self.registry).decode()
             head = head.removesuffix("# EOF\n")

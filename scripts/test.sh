@@ -27,6 +27,7 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q -e '.[test]'
 .venv/bin/ruff check .
+.venv/bin/mypy exporter
 
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -123,3 +123,81 @@ def test_check_config_exit_codes(tmp_path):
     assert "probe.x: unknown key" in res.stderr
     missing = run_cli("check-config", str(tmp_path / "absent.yml"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+FLEET = """\
+probe: {interval: 5s, timeout: 2s}
+masters:
+  # eu: defaults anchored where they are first used
+  - <<: &eu
+      region: eu
+      priority: 10
+      failover_regions: [eu, us]
+    name: eu-1
+    url: http://10.0.1.1:9000
+  - <<: *eu
+    name: eu-2
+    url: http://10.0.1.2:9000
+    weight: 2
+  - <<: *eu
+    name: eu-3
+    url: http://10.0.1.3:9000
+    priority: 20          # an explicit key overrides the merged one
+  # us standbys: a list of mappings, the earlier one wins a shared key
+  - &us-1
+    <<: [&standby {role: standby, priority: 90, failover: never}, &us {region: us, priority: 50}]
+    name: us-1
+    url: http://10.0.2.1:9000
+  - <<: [*standby, *us]
+    name: us-2
+    url: http://10.0.2.2:9000
+  # whole master merged: only the name and URL differ
+  - <<: *us-1
+    name: us-3
+    url: http://10.0.2.3:9000
+balancing: {strategy: geo, region_fallback: [eu]}
+"""
+
+
+def test_merge_keys_build_a_fleet_from_shared_defaults():
+    cfg = load_config_text(FLEET)
+    got = {m.name: (m.region, m.priority, m.role, m.weight, m.failover, m.failover_regions)
+           for m in cfg.masters}
+    assert got == {
+        "eu-1": ("eu", 10, "active", 1.0, "allow", ["eu", "us"]),
+        "eu-2": ("eu", 10, "active", 2.0, "allow", ["eu", "us"]),
+        "eu-3": ("eu", 20, "active", 1.0, "allow", ["eu", "us"]),
+        "us-1": ("us", 90, "standby", 1.0, "never", []),
+        "us-2": ("us", 90, "standby", 1.0, "never", []),
+        "us-3": ("us", 90, "standby", 1.0, "never", []),
+    }
+    assert [m.url for m in cfg.masters][-1] == "http://10.0.2.3:9000"
+
+
+def test_duplicate_key_inside_a_merged_mapping_is_named_with_its_line():
+    text = FLEET.replace("      priority: 10\n", "      priority: 10\n      region: us\n")
+    assert errors_of(text) == ["(yaml line 7, column 7): duplicate key 'region'"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (  # an explicit key twice next to a merge
+            lambda t: t.replace("    weight: 2\n", "    weight: 2\n    weight: 3\n"),
+            "(yaml line 14, column 5): duplicate key 'weight'",
+        ),
+        (  # a merged key repeated explicitly is an override, but two merges are a duplicate
+            lambda t: t.replace("  - <<: *eu\n    name: eu-2\n", "  - <<: *eu\n    <<: *eu\n"
+                                "    name: eu-2\n"),
+            "(yaml line 11, column 5): duplicate key '<<'",
+        ),
+        (
+            lambda t: t.replace("  - <<: *eu\n    name: eu-3", "  - <<: eu\n    name: eu-3"),
+            "(yaml line 14, column 9): << (merge) expects a mapping or a list of mappings",
+        ),
+    ],
+    ids=["explicit-duplicate", "two-merges", "merge-of-a-scalar"],
+)
+def test_bad_merges_and_duplicates_name_key_and_line(mutate, expected):
+    errs = errors_of(mutate(FLEET))
+    assert len(errs) == 1 and errs[0].startswith(expected), errs

@@ -59,7 +59,7 @@ class HealthMachine:
         state = self.state
         if state is State.MAINTENANCE:
             return None
-        target = state
+        target: State = state
         if not ok:
             if state is State.RECOVERING:
                 self.recovery_attempts += 1

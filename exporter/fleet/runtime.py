@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from exporter.config import MasterConfig, ProbeConfig
 from exporter.fleet.events import Transition
@@ -17,7 +18,8 @@ from exporter.fleet.states import RESULTS, Outcome, Result, State
 
 _RESULT_INDEX = {r: i for i, r in enumerate(RESULTS)}
 
-# Probe latency buckets (seconds): loopback to a 2 s timeout; shared by metrics and rules.
+# Probe latency buckets (seconds), from loopback to past the default 2 s timeout: the bounds of
+# MasterRuntime.bucket_counts and of the ha_master_probe_duration_seconds histogram.
 PROBE_BUCKETS: tuple[float, ...] = (
     0.001,
     0.0025,
@@ -118,7 +120,9 @@ class MasterRuntime:
                 return
         self.bucket_counts[-1] += 1
 
-    def as_dict(self, role: str, recovery_timeout: float, now: float | None = None) -> dict:
+    def as_dict(
+        self, role: str, recovery_timeout: float, now: float | None = None
+    ) -> dict[str, Any]:
         """The JSON shape of /api/v1/masters; ``role`` comes from the duty table."""
         now = time.time() if now is None else now
         h = self.health

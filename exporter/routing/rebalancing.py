@@ -37,7 +37,6 @@ from exporter.config import RebalanceConfig
 
 QUEUE_FLOOR = 10.0
 RESTORE_FRACTION = 0.8
-REASONS: tuple[str, ...] = ("imbalance", "restored")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +53,7 @@ class RebalanceEvent:
     master: str
     old_factor: float
     new_factor: float
-    reason: str  # one of REASONS
+    reason: str  # "imbalance" (weight taken) or "restored" (weight given back)
     ratio: float  # the master's imbalance ratio when it shifted
 
 

@@ -32,6 +32,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from exporter.config import STRATEGIES, BalancingConfig, MasterConfig
 from exporter.fleet import SERVING, RoleChanged, Sample, State, Transition
@@ -245,9 +246,12 @@ class Router:
         i = self._index.get(name)
         if i is None:
             raise KeyError(f"unknown master {name!r}")
-        known = queue_length is not None and math.isfinite(queue_length)
-        self._loads.queue[i] = max(0.0, float(queue_length)) if known else 0.0  # type: ignore[arg-type]
-        self._queue_known[i] = known
+        if queue_length is not None and math.isfinite(queue_length):
+            self._loads.queue[i] = max(0.0, float(queue_length))
+            self._queue_known[i] = True
+        else:
+            self._loads.queue[i] = 0.0
+            self._queue_known[i] = False
         self._loads.in_flight[i] = 0
         if self._picker is not None:
             self._picker.load_changed(i)
@@ -425,7 +429,7 @@ class Router:
     def is_ejected(self, name: str) -> bool:
         return self._member(name).ejected
 
-    def master_info(self, name: str) -> dict:
+    def master_info(self, name: str) -> dict[str, Any]:
         """Routing facts of one master for the API and the status page."""
         m = self._member(name)
         i = self._index[name]

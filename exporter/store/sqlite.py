@@ -26,7 +26,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MIGRATIONS: tuple[str, ...] = (
-    # 1: everything issue 3 needs
+    # 1: audit log, failovers and their write-ahead journal, duty assignments, maintenance,
+    # flags, queued undo calls (cleanup), and the latest checkpoint of each master
     """
     CREATE TABLE audit (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -210,7 +211,8 @@ class Store:
 
     @staticmethod
     def _page_filter(before: int | None, master: str | None) -> tuple[str, list[Any]]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[Any] = []
         if before is not None:
             clauses.append("id < ?")
             params.append(before)
@@ -322,15 +324,6 @@ class Store:
         return {r["master"]: float(r["started"]) for r in rows}
 
     # --- assignments: duty of master -> held by backup --------------------------------------
-    def set_assignment(self, master: str, backup: str, since: float | None = None,
-                       failover_id: int | None = None) -> None:
-        self._write(
-            "INSERT INTO assignments (master, backup, since, failover_id) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT(master) DO UPDATE SET backup = excluded.backup,"
-            " since = excluded.since, failover_id = excluded.failover_id",
-            (master, backup, time.time() if since is None else since, failover_id),
-        )
-
     def move_duties(self, duties: Sequence[str], holder: str, since: float,
                     failover_id: int | None = None) -> None:
         """Atomically hand ``duties`` to ``holder``; a master's own duty coming back to it
@@ -353,9 +346,6 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def drop_assignment(self, master: str) -> None:
-        self._write("DELETE FROM assignments WHERE master = ?", (master,))
-
     def assignments(self) -> dict[str, dict[str, Any]]:
         """{taken-over master: {"backup", "since", "failover_id"}}."""
         return {r["master"]: {"backup": r["backup"], "since": r["since"],
@@ -376,10 +366,6 @@ class Store:
 
     def cleanup_done(self, cleanup_id: int) -> None:
         self._write("DELETE FROM cleanup WHERE id = ?", (cleanup_id,))
-
-    def cleanup_failed(self, cleanup_id: int, error: str) -> None:
-        self._write("UPDATE cleanup SET attempts = attempts + 1, last_error = ? WHERE id = ?",
-                    (error, cleanup_id))
 
     # --- maintenance and pause ----------------------------------------------------------------
     def set_maintenance(self, master: str, on: bool, since: float | None = None) -> None:
@@ -445,7 +431,3 @@ class Store:
         with self._ckpt_lock:
             rows = self._ckpt.execute("SELECT master, ts FROM checkpoints").fetchall()
         return {r[0]: float(r[1]) for r in rows}
-
-    def drop_checkpoint(self, master: str) -> None:
-        with self._ckpt_lock:
-            self._ckpt.execute("DELETE FROM checkpoints WHERE master = ?", (master,))

@@ -87,11 +87,12 @@ def test_failover_lifecycle_and_journal(tmp_path):
 
 def test_assignments_flags_maintenance(tmp_path):
     s = Store(tmp_path / "s.db")
-    s.set_assignment("a", "c", since=5.0, failover_id=1)
-    s.set_assignment("a", "d", since=6.0, failover_id=2)
-    assert s.assignments() == {"a": {"backup": "d", "since": 6.0, "failover_id": 2}}
-    s.drop_assignment("a")
-    assert s.assignments() == {}
+    s.move_duties(["a", "b"], "c", since=5.0, failover_id=1)
+    s.move_duties(["a"], "d", since=6.0, failover_id=2)
+    assert s.assignments() == {"a": {"backup": "d", "since": 6.0, "failover_id": 2},
+                               "b": {"backup": "c", "since": 5.0, "failover_id": 1}}
+    s.move_duties(["a", "b"], "a", since=7.0)  # a's own duty back to a: no row; b goes to a
+    assert s.assignments() == {"b": {"backup": "a", "since": 7.0, "failover_id": None}}
     assert not s.paused()
     s.set_paused(True)
     assert s.paused()
