@@ -1,27 +1,49 @@
 """Failover API: history, audit, manual switchover, maintenance, reset, pause.
 
 History and audit are paginated newest first with an id cursor (``?limit=&before=``), which
-stays stable while new entries arrive; every action needs the bearer token.
+stays stable while new entries arrive. Every action is a mutating request, so the auth
+middleware demands the token; failover's refusals become statuses in the error middleware.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+from pydantic import Field
 
-from exporter.failover.errors import (
-    Conflict,
-    FailoverRejected,
-    InvalidRequest,
-    Unavailable,
-    UnknownMaster,
-)
-from exporter.failover.manager import FailoverManager
-from exporter.web.app import ApiError, json_response, read_json, require_token, service_of
+from exporter.web.jsonapi import ApiError, Body, NoBody, json_response, read_body
+from exporter.web.keys import SERVICE
 
 MAX_PAGE = 500
+
+
+class Operator(Protocol):
+    """The failover operations this API offers, by name only: the web layer does not depend on
+    where failover keeps its implementation."""
+
+    async def switchover(
+        self, frm: str, to: str | None = None, actor: str = "api"
+    ) -> dict[str, Any]: ...
+
+    async def set_maintenance(self, name: str, on: bool, actor: str = "api") -> dict[str, Any]: ...
+
+    async def reset(self, name: str, actor: str = "api") -> dict[str, Any]: ...
+
+    def pause(self, actor: str = "api") -> None: ...
+
+    def resume(self, actor: str = "api") -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class Switchover(Body):
+    source: str = Field(alias="from", min_length=1)
+    to: str | None = Field(default=None, min_length=1)
+
+
+class Maintenance(Body):
+    enabled: bool = True
 
 
 def _page_args(request: web.Request) -> tuple[int, int | None, str | None]:
@@ -41,28 +63,16 @@ def _page(items: list[dict[str, Any]], limit: int, total: int) -> dict[str, Any]
     return {"items": items, "total": total, "next_before": items[-1]["id"] if more else None}
 
 
-def _manager(request: web.Request) -> FailoverManager:
-    fo = service_of(request).failover
+def _operator(request: web.Request) -> Operator:
+    fo = request.app[SERVICE].failover
     if fo is None:
         raise ApiError(503, "the exporter is still starting")
     return fo
 
 
-_STATUS: dict[type[FailoverRejected], int] = {
-    UnknownMaster: 404, Conflict: 409, InvalidRequest: 400, Unavailable: 503,
-}
-
-
-async def _act(call: Callable[[], Awaitable[Any]]) -> Any:
-    try:
-        return await call()
-    except FailoverRejected as exc:
-        raise ApiError(_STATUS.get(type(exc), 409), str(exc)) from None
-
-
 async def failovers(request: web.Request) -> web.Response:
     limit, before, master = _page_args(request)
-    store = service_of(request).store
+    store = request.app[SERVICE].store
     rows = store.list_failovers(limit=limit + 1, before=before, master=master, brief=True)
     return json_response(_page(rows, limit, store.count_failovers(master)))
 
@@ -72,7 +82,7 @@ async def failover_one(request: web.Request) -> web.Response:
         fid = int(request.match_info["id"])
     except ValueError:
         raise ApiError(400, "failover id must be a whole number") from None
-    row = service_of(request).store.get_failover(fid)
+    row = request.app[SERVICE].store.get_failover(fid)
     if row is None:
         raise ApiError(404, f"no failover with id {fid}")
     return json_response(row)
@@ -80,69 +90,59 @@ async def failover_one(request: web.Request) -> web.Response:
 
 async def audit(request: web.Request) -> web.Response:
     limit, before, master = _page_args(request)
-    store = service_of(request).store
+    store = request.app[SERVICE].store
     rows = store.list_audit(limit=limit + 1, before=before, master=master)
     return json_response(_page(rows, limit, store.count_audit(master)))
 
 
 async def manual_failover(request: web.Request) -> web.Response:
-    """Graceful switchover: the new master is active before the old one is released."""
-    require_token(request)
-    body = await read_json(request)
-    frm, to = body.get("from"), body.get("to")
-    if not isinstance(frm, str) or not frm:
-        raise ApiError(400, "'from' must name the master to switch away from")
-    if to is not None and (not isinstance(to, str) or not to):
-        raise ApiError(400, "'to' must be a master name when given")
-    fo = _manager(request)
-    record = await _act(lambda: fo.switchover(frm, to, actor="api"))
+    """Graceful switchover: the new master is active before the old one is released. A move
+    that ran but did not succeed is a 409 carrying the full record."""
+    body = await read_body(request, Switchover)
+    record = await _operator(request).switchover(body.source, body.to, actor="api")
     return json_response(record, 200 if record.get("result") in ("success", "dry_run") else 409)
 
 
 async def maintenance(request: web.Request) -> web.Response:
-    require_token(request)
-    body = await read_json(request)
-    on = body.get("enabled", True)
-    if not isinstance(on, bool):
-        raise ApiError(400, "'enabled' must be true or false")
+    body = await read_body(request, Maintenance)
     name = request.match_info["name"]
-    fo = _manager(request)
-    return json_response(await _act(lambda: fo.set_maintenance(name, on, actor="api")))
+    return json_response(
+        await _operator(request).set_maintenance(name, body.enabled, actor="api")
+    )
 
 
 async def reset(request: web.Request) -> web.Response:
-    require_token(request)
-    await read_json(request)
+    await read_body(request, NoBody)
     name = request.match_info["name"]
-    fo = _manager(request)
-    return json_response(await _act(lambda: fo.reset(name, actor="api")))
+    return json_response(await _operator(request).reset(name, actor="api"))
 
 
 async def pause(request: web.Request) -> web.Response:
-    require_token(request)
-    fo = _manager(request)
+    await read_body(request, NoBody)
+    fo = _operator(request)
     fo.pause("api")
     return json_response(fo.status())
 
 
 async def resume(request: web.Request) -> web.Response:
-    require_token(request)
-    fo = _manager(request)
+    await read_body(request, NoBody)
+    fo = _operator(request)
     fo.resume("api")
     return json_response(fo.status())
 
 
 async def status(request: web.Request) -> web.Response:
-    return json_response(_manager(request).status())
+    return json_response(_operator(request).status())
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/failovers", failovers)
-    app.router.add_get("/api/v1/failovers/{id}", failover_one)
-    app.router.add_get("/api/v1/audit", audit)
-    app.router.add_post("/api/v1/failover", manual_failover)
-    app.router.add_get("/api/v1/failover/status", status)
-    app.router.add_post("/api/v1/failover/pause", pause)
-    app.router.add_post("/api/v1/failover/resume", resume)
-    app.router.add_post("/api/v1/masters/{name}/maintenance", maintenance)
-    app.router.add_post("/api/v1/masters/{name}/reset", reset)
+ROUTES: list[web.RouteDef] = [
+    web.get("/api/v1/failovers", failovers),
+    web.get("/api/v1/failovers/{id}", failover_one),
+    web.get("/api/v1/audit", audit),
+    web.post("/api/v1/failover", manual_failover),
+    web.get("/api/v1/failover/status", status),
+    web.post("/api/v1/failover/pause", pause),
+    web.post("/api/v1/failover/resume", resume),
+    web.post("/api/v1/masters/{name}/maintenance", maintenance),
+    web.post("/api/v1/masters/{name}/reset", reset),
+]

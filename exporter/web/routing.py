@@ -1,20 +1,39 @@
 """Routing API: where should this message go, how did it go, which strategy.
 
 Producers call GET /api/v1/route per message (see exporter.client); outcome reports feed
-passive outlier detection. Reports and strategy changes alter routing, so both need the token.
+passive outlier detection. Reports and strategy changes alter routing, so both are mutating
+requests and need the token (enforced by the auth middleware).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from functools import lru_cache
 
 from aiohttp import web
+from pydantic import Field, field_validator
 
 from exporter.config import STRATEGIES
-from exporter.routing.router import Decision, NoRoute
-from exporter.web.app import ApiError, json_response, read_json, require_token, service_of
+from exporter.routing.router import Decision
+from exporter.web.jsonapi import ApiError, Body, json_response, read_body
+from exporter.web.keys import SERVICE
+
+
+class Report(Body):
+    master: str = Field(min_length=1)
+    ok: bool
+    latency_seconds: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+
+class StrategyChange(Body):
+    strategy: str
+
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+        return name
 
 
 @lru_cache(maxsize=4096)
@@ -25,55 +44,38 @@ def _decision_body(d: Decision) -> bytes:
 
 
 async def route(request: web.Request) -> web.Response:
-    svc = service_of(request)
+    """NoRoute (nobody can serve) is answered 503 by the error middleware."""
     query = request.query
     try:
-        d = svc.router.route(query.get("key") or None, query.get("region") or None)
-    except NoRoute as exc:
-        return json_response({"error": str(exc), "strategy": svc.router.strategy}, 503)
-    except ValueError as exc:
+        d = request.app[SERVICE].router.route(query.get("key") or None,
+                                              query.get("region") or None)
+    except ValueError as exc:  # the router's word for a region nobody serves
         raise ApiError(400, str(exc)) from None
     return web.Response(body=_decision_body(d), content_type="application/json", charset="utf-8")
 
 
 async def report(request: web.Request) -> web.Response:
-    require_token(request)
-    body = await read_json(request)
-    master, ok, latency = body.get("master"), body.get("ok"), body.get("latency_seconds", 0.0)
-    if not isinstance(master, str) or not master:
-        raise ApiError(400, "'master' must be a master name")
-    if not isinstance(ok, bool):
-        raise ApiError(400, "'ok' must be true or false")
-    if (
-        isinstance(latency, bool)
-        or not isinstance(latency, int | float)
-        or latency < 0
-        or not math.isfinite(latency)
-    ):
-        raise ApiError(400, "'latency_seconds' must be a non-negative number")
-    svc = service_of(request)
+    body = await read_body(request, Report)
+    svc = request.app[SERVICE]
     try:
-        ejected = svc.router.report(master, ok, float(latency))
-    except KeyError:
-        raise ApiError(404, f"no master named {master!r}") from None
+        ejected = svc.router.report(body.master, body.ok, body.latency_seconds)
+    except KeyError:  # the router's word for a master it does not know
+        raise ApiError(404, f"no master named {body.master!r}") from None
     if ejected:
-        svc.on_ejected(master)
-    return json_response({"master": master, "ejected": svc.router.is_ejected(master)})
+        svc.on_ejected(body.master)
+    return json_response({"master": body.master, "ejected": svc.router.is_ejected(body.master)})
 
 
 async def set_strategy(request: web.Request) -> web.Response:
-    require_token(request)
-    name = (await read_json(request)).get("strategy")
-    if name not in STRATEGIES:
-        raise ApiError(400, f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
-    svc = service_of(request)
+    body = await read_body(request, StrategyChange)
+    svc = request.app[SERVICE]
     old = svc.router.strategy
-    svc.set_strategy(name, actor="api")
-    return json_response({"strategy": name, "previous": old})
+    svc.set_strategy(body.strategy, actor="api")
+    return json_response({"strategy": body.strategy, "previous": old})
 
 
 async def balancing(request: web.Request) -> web.Response:
-    svc = service_of(request)
+    svc = request.app[SERVICE]
     r = svc.router
     return json_response(
         {
@@ -86,8 +88,9 @@ async def balancing(request: web.Request) -> web.Response:
     )
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/route", route)
-    app.router.add_post("/api/v1/route/report", report)
-    app.router.add_put("/api/v1/balancing/strategy", set_strategy)
-    app.router.add_get("/api/v1/balancing", balancing)
+ROUTES: list[web.RouteDef] = [
+    web.get("/api/v1/route", route),
+    web.post("/api/v1/route/report", report),
+    web.put("/api/v1/balancing/strategy", set_strategy),
+    web.get("/api/v1/balancing", balancing),
+]

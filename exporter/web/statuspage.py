@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from exporter import __version__
-
-if TYPE_CHECKING:
-    from exporter.service import Service
+from exporter.service import Service
+from exporter.web.keys import SERVICE
 
 _env = Environment(
     loader=PackageLoader("exporter.web", "templates"),
@@ -38,7 +37,7 @@ def _text(obj: object, key: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-async def firing_alerts(service: Service) -> tuple[list[dict], str | None]:
+async def firing_alerts(service: Service) -> tuple[list[dict[str, str]], str | None]:
     am = service.config.alertmanager
     if am is None or service.session is None:
         return [], "Alertmanager is not configured (alertmanager.url)."
@@ -72,12 +71,10 @@ async def firing_alerts(service: Service) -> tuple[list[dict], str | None]:
 
 
 async def status_page(request: web.Request) -> web.Response:
-    from exporter.web.app import SERVICE
-
     service = request.app[SERVICE]
     timeout = service.config.failover.recovery_timeout
     weights = service.routing_weights()
-    masters = []
+    masters: list[dict[str, Any]] = []
     for rt in service.fleet:
         m = rt.as_dict(service.duties.role_of(rt.name), timeout)
         m["weight_effective"] = weights.get(rt.name, 0.0)
@@ -99,5 +96,4 @@ async def status_page(request: web.Request) -> web.Response:
     return web.Response(text=html, content_type="text/html")
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/", status_page)
+ROUTES: list[web.RouteDef] = [web.get("/", status_page)]
