@@ -112,8 +112,15 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_master(args: argparse.Namespace) -> int:
     from exporter.sim.master import serve_master
 
+    def announce(url: str) -> None:
+        # the one line on stdout: how a parent learns the port when it passed --port 0
+        print(f"listening on {url}", flush=True)
+
     asyncio.run(
-        serve_master(args.name, args.port, args.region, args.role, args.host, args.drain_rate)
+        serve_master(
+            args.name, args.port, args.region, args.role, args.host, args.drain_rate,
+            on_listening=announce,
+        )
     )
     return 0
 
@@ -160,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     master = sub.add_parser("master", help="one simulated master process")
     master.add_argument("--name", required=True)
-    master.add_argument("--port", type=int, required=True)
+    master.add_argument(
+        "--port",
+        type=int,
+        required=True,
+        help="port to listen on; 0 picks a free one (printed on stdout: 'listening on URL')",
+    )
     master.add_argument("--region", default="default")
     master.add_argument("--role", default="active", choices=["active", "standby"])
     master.add_argument("--host", default="127.0.0.1")

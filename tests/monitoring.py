@@ -4,13 +4,19 @@ They run with the shipped deploy/ configs, changed by plain text substitution on
 test can prove (with ``yaml_changes``) that nothing but addresses, paths and timings differ from
 what an operator deploys. Every process listens on 127.0.0.1, logs to a file in the test's
 tmp dir (quoted when a wait fails) and is killed by ``running``'s finally block.
+
+Ports: the receiver and Alertmanager bind port 0 and say which port they got (the receiver's
+"listening on" line; Alertmanager's msg="Listening on" address=...), read back from their logs.
+Prometheus would say its port too, but its config must name its own address (the self-scrape
+job) before it starts: so its port is picked free and, if another process binds it first (the
+start fails with "address already in use"), picked again and the start retried.
 """
 
 from __future__ import annotations
 
-import subprocess
+import re
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +24,24 @@ from typing import Any
 
 import aiohttp
 
-from tests.support import free_port, wait_for
+from tests.processes import Proc, stop_all
+from tests.support import closed_port, wait_for
 from tests.tools import ROOT
 
 PROMETHEUS_YML = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 ALERTMANAGER_YML = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 RECEIVER_PY = ROOT / "deploy" / "oncall" / "receiver.py"
+
+#: deploy/oncall/receiver.py prints where it listens.
+RECEIVER_LISTENING = re.compile(r"on-call receiver listening on (http://\S+)")
+#: Prometheus and Alertmanager (exporter-toolkit) log the address they bound.
+TOOLKIT_LISTENING = re.compile(r'msg="Listening on" address=(\S+)')
+BIND_FAILED = "address already in use"
+BIND_ATTEMPTS = 5
+#: {"receiver", "alertmanager", "prometheus"}: "127.0.0.1:PORT", as the configs name them.
+Addresses = dict[str, str]
+#: The text substitutions of a config, given the addresses known when it is written.
+Substitutions = Callable[[Addresses], Mapping[str, str]]
 
 
 def substitute_text(text: str, replacements: Mapping[str, str]) -> str:
@@ -49,26 +67,6 @@ def yaml_changes(before: Any, after: Any, path: str = "") -> dict[str, tuple[Any
     return {} if before == after else {path: (before, after)}
 
 
-class Service:
-    """One child process with its output in a log file."""
-
-    def __init__(self, name: str, args: list[str], log: Path) -> None:
-        self.name, self.log = name, log
-        self._out = log.open("wb")
-        self.popen = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT)
-
-    def output(self, tail: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-tail:]
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        try:
-            self.popen.wait(5)
-        finally:
-            self._out.close()
-
-
 @dataclass
 class Monitoring:
     """Addresses of the running monitoring stack and the API calls the tests need."""
@@ -79,7 +77,9 @@ class Monitoring:
     receiver: str
     prometheus_yml: Path
     alertmanager_yml: Path
-    services: dict[str, Service] = field(default_factory=dict)
+    #: as the configs name them: {"receiver", "alertmanager", "prometheus"} -> "127.0.0.1:PORT"
+    addresses: Addresses = field(default_factory=dict)
+    services: dict[str, Proc] = field(default_factory=dict)
 
     async def query(self, expr: str) -> list[dict[str, Any]]:
         """Instant query; a PromQL error fails the test with Prometheus' own message."""
@@ -100,10 +100,10 @@ class Monitoring:
             return await r.json()
 
     def logs(self) -> str:
-        return "\n".join(f"--- {n} ---\n{s.output()}" for n, s in self.services.items())
+        return "\n".join(f"--- {n} ---\n{s.tail()}" for n, s in self.services.items())
 
 
-async def _wait_up(http: aiohttp.ClientSession, service: Service, url: str,
+async def _wait_up(http: aiohttp.ClientSession, service: Proc, url: str,
                    timeout: float = 30) -> None:
     """GET url until 200; stop waiting at once (and fail with its log) if the process exits."""
     async def up_or_exited() -> bool:
@@ -116,7 +116,28 @@ async def _wait_up(http: aiohttp.ClientSession, service: Service, url: str,
             return False
 
     await wait_for(up_or_exited, timeout, f"{service.name} at {url}", poll=0.1)
-    assert service.popen.poll() is None, f"{service.name} exited:\n{service.output()}"
+    assert service.popen.poll() is None, f"{service.name} exited:\n{service.tail()}"
+
+
+async def _bound_address(proc: Proc) -> str:
+    """HOST:PORT from an exporter-toolkit binary's msg="Listening on" line."""
+    return (await proc.wait_output(TOOLKIT_LISTENING, 30, "its listening line")).group(1)
+
+
+async def _start_on_picked_port(
+    start: Callable[[int], Proc], what: str
+) -> tuple[Proc, str]:
+    """For a binary that must know its port before it starts: pick one, and pick again if
+    another process bound it first (the start fails with "address already in use")."""
+    for _ in range(BIND_ATTEMPTS):
+        proc = start(closed_port())
+        try:
+            return proc, await _bound_address(proc)
+        except AssertionError:
+            proc.stop()
+            if BIND_FAILED not in proc.output():
+                raise
+    raise AssertionError(f"{what}: every one of {BIND_ATTEMPTS} picked ports was taken")
 
 
 @asynccontextmanager
@@ -125,49 +146,59 @@ async def running(
     tmp: Path,
     prometheus_bin: str,
     alertmanager_bin: str,
-    prometheus_subs: Mapping[str, str],
-    alertmanager_subs: Mapping[str, str],
-    ports: Mapping[str, int] | None = None,
+    prometheus_subs: Substitutions,
+    alertmanager_subs: Substitutions,
 ) -> AsyncIterator[Monitoring]:
     """Receiver, Alertmanager and Prometheus (in that order: each is ready before the next one
-    may talk to it), on the shipped configs with the given text substitutions.
-
-    ``ports`` ({"prometheus", "alertmanager", "receiver"}) lets the caller build substitutions
-    that name them; missing ones are picked free here.
-    """
-    port = {n: (ports or {}).get(n) or free_port()
-            for n in ("prometheus", "alertmanager", "receiver")}
-    prom_yml = tmp / "prometheus.yml"
-    prom_yml.write_text(substitute_text(PROMETHEUS_YML.read_text(), prometheus_subs))
-    am_yml = tmp / "alertmanager.yml"
-    am_yml.write_text(substitute_text(ALERTMANAGER_YML.read_text(), alertmanager_subs))
-    mon = Monitoring(
-        http,
-        prometheus=f"http://127.0.0.1:{port['prometheus']}",
-        alertmanager=f"http://127.0.0.1:{port['alertmanager']}",
-        receiver=f"http://127.0.0.1:{port['receiver']}",
-        prometheus_yml=prom_yml,
-        alertmanager_yml=am_yml,
-    )
+    may talk to it), on the shipped configs with text substitutions. Each substitution function
+    gets the addresses bound so far: Alertmanager's config is written knowing the receiver's,
+    Prometheus' knowing all three (its own included)."""
+    addr: Addresses = {}
+    procs: list[Proc] = []
+    prom_yml, am_yml = tmp / "prometheus.yml", tmp / "alertmanager.yml"
     try:
-        mon.services["receiver"] = Service("receiver", [
-            sys.executable, str(RECEIVER_PY), "--host", "127.0.0.1",
-            "--port", str(port["receiver"]),
-        ], tmp / "receiver.log")
-        await _wait_up(http, mon.services["receiver"], f"{mon.receiver}/healthz")
-        mon.services["alertmanager"] = Service("alertmanager", [
+        receiver = Proc([sys.executable, str(RECEIVER_PY), "--host", "127.0.0.1", "--port", "0"],
+                        tmp / "receiver.log", listening=RECEIVER_LISTENING)
+        procs.append(receiver)
+        addr["receiver"] = (await receiver.listening()).removeprefix("http://")
+        await _wait_up(http, receiver, f"http://{addr['receiver']}/healthz")
+
+        am_yml.write_text(substitute_text(ALERTMANAGER_YML.read_text(), alertmanager_subs(addr)))
+        alertmanager = Proc([
             alertmanager_bin, f"--config.file={am_yml}", f"--storage.path={tmp / 'am-data'}",
-            f"--web.listen-address=127.0.0.1:{port['alertmanager']}",
+            "--web.listen-address=127.0.0.1:0",
             "--cluster.listen-address=",  # empty: no gossip port, no peers
         ], tmp / "alertmanager.log")
-        await _wait_up(http, mon.services["alertmanager"], f"{mon.alertmanager}/-/ready")
-        mon.services["prometheus"] = Service("prometheus", [
-            prometheus_bin, f"--config.file={prom_yml}",
-            f"--storage.tsdb.path={tmp / 'prom-data'}",
-            f"--web.listen-address=127.0.0.1:{port['prometheus']}",
-        ], tmp / "prometheus.log")
-        await _wait_up(http, mon.services["prometheus"], f"{mon.prometheus}/-/ready")
-        yield mon
+        procs.append(alertmanager)
+        addr["alertmanager"] = await _bound_address(alertmanager)
+        assert not addr["alertmanager"].endswith(":0"), "this Alertmanager does not say its port"
+        await _wait_up(http, alertmanager, f"http://{addr['alertmanager']}/-/ready")
+
+        def start_prometheus(port: int) -> Proc:
+            addr["prometheus"] = f"127.0.0.1:{port}"
+            prom_yml.write_text(
+                substitute_text(PROMETHEUS_YML.read_text(), prometheus_subs(addr)))
+            proc = Proc([
+                prometheus_bin, f"--config.file={prom_yml}",
+                f"--storage.tsdb.path={tmp / 'prom-data'}",
+                f"--web.listen-address={addr['prometheus']}",
+            ], tmp / "prometheus.log")
+            procs.append(proc)
+            return proc
+
+        prometheus, bound = await _start_on_picked_port(start_prometheus, "prometheus")
+        assert bound == addr["prometheus"], (bound, addr)
+        await _wait_up(http, prometheus, f"http://{addr['prometheus']}/-/ready")
+        yield Monitoring(
+            http,
+            prometheus=f"http://{addr['prometheus']}",
+            alertmanager=f"http://{addr['alertmanager']}",
+            receiver=f"http://{addr['receiver']}",
+            prometheus_yml=prom_yml,
+            alertmanager_yml=am_yml,
+            addresses=dict(addr),
+            services={"receiver": receiver, "alertmanager": alertmanager,
+                      "prometheus": prometheus},
+        )
     finally:
-        for service in reversed(mon.services.values()):
-            service.stop()
+        stop_all(procs[::-1])

@@ -1,4 +1,11 @@
-"""Test support: real servers on 127.0.0.1 and condition waits with deadlines."""
+"""The test harness, in-process half: condition waits with deadlines, aiohttp apps served on
+127.0.0.1, and the one config builder.
+
+The rule for ports: a server we start binds port 0 and the port is read back from it (here,
+``runner.addresses``; for child processes, their output: see tests.processes). Nothing picks a
+"free" port to bind later, which races on a busy machine. ``closed_port()`` is for the tests
+that need an address where nobody listens.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +14,28 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import yaml
 from aiohttp import web
+
+from exporter.config import Config, load_config, parse_config
 
 T = TypeVar("T")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: Bearer token of every exporter the harness starts, read from TOKEN_ENV (never from the file).
+TOKEN = "e2e-token"
+TOKEN_ENV = "HA_TEST_TOKEN"
+#: Probe settings of test configs: a failed master is detected within about 2 s.
+FAST_PROBE: dict[str, Any] = {
+    "interval": "500ms",
+    "timeout": "300ms",
+    "failure_threshold": 3,
+    "recovery_threshold": 2,
+    "jitter": "10%",
+}
 
 
 async def wait_for(
@@ -42,18 +59,83 @@ async def wait_for(
         await asyncio.sleep(poll)
 
 
+# --- ports ---------------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nobody listens (bound, then closed at once): for tests of
+    refused connections. Never for a server of ours: that one binds port 0 itself."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port() -> int:
+    """Deprecated: a port picked free to be bound later races with every other process.
+    A server we start binds port 0 (``serve_app``, tests.processes); a dead address is
+    ``closed_port()``. Kept until its last users (outside the harness) migrate."""
+    return closed_port()
+
+
+def url_of(runner: web.BaseRunner, host: str = "127.0.0.1") -> str:
+    """Base URL of the first socket a started runner listens on (its real, bound port)."""
+    assert runner.addresses, "the runner listens on nothing: start a site first"
+    return f"http://{host}:{runner.addresses[0][1]}"
+
+
 @asynccontextmanager
 async def serve_app(app: web.Application) -> AsyncIterator[str]:
-    """Serve an aiohttp app on 127.0.0.1 (ephemeral port); yield its base URL."""
+    """Serve an aiohttp app on 127.0.0.1, port 0; yield its base URL (the bound port)."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        yield f"http://127.0.0.1:{port}"
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield url_of(runner)
     finally:
         await runner.cleanup()
+
+
+# --- the config builder --------------------------------------------------------------------
+
+
+def master_entry(
+    name: str, url: str, region: str = "uae", role: str = "active", priority: int = 1
+) -> dict[str, Any]:
+    """One ``masters:`` item."""
+    return {"name": name, "url": url, "region": region, "role": role, "priority": priority}
+
+
+def config_dict(tmp: Path, masters: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
+    """A test config as plain data: listen on 127.0.0.1 port 0, state under ``tmp``,
+    FAST_PROBE, the API token from $HA_TEST_TOKEN. Each keyword replaces that whole top-level
+    section (``probe={**FAST_PROBE, "interval": "300ms"}`` to change one setting)."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "state_path": str(tmp / "state.db"),
+        "probe": dict(FAST_PROBE),
+        "masters": masters,
+        "api": {"token_env": TOKEN_ENV},
+        **sections,
+    }
+
+
+def make_config(tmp: Path, masters: list[dict[str, Any]], **sections: Any) -> Config:
+    """config_dict(...) validated: the Config an in-process Service runs with."""
+    return parse_config(config_dict(tmp, masters, **sections))
+
+
+def write_config(
+    tmp: Path, masters: list[dict[str, Any]], *, filename: str = "config.yml", **sections: Any
+) -> Path:
+    """config_dict(...) written as YAML to ``tmp/filename`` and validated (load_config raises
+    ConfigError naming every bad key); the path an ``ha-exporter run`` process is given."""
+    path = tmp / filename
+    path.write_text(yaml.safe_dump(config_dict(tmp, masters, **sections), sort_keys=False))
+    load_config(path)
+    return path
+
+
+# --- HTTP helpers --------------------------------------------------------------------------
 
 
 async def get_json(http: aiohttp.ClientSession, url: str) -> Any:

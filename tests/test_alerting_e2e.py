@@ -24,9 +24,16 @@ import yaml
 
 from exporter.config import load_config
 from exporter.rules import RUNBOOK_URL, render
-from tests.monitoring import ALERTMANAGER_YML, PROMETHEUS_YML, Monitoring, running, yaml_changes
-from tests.processes import Stack, start_master
-from tests.support import free_port, get_json, wait_for
+from tests.monitoring import (
+    ALERTMANAGER_YML,
+    PROMETHEUS_YML,
+    Addresses,
+    Monitoring,
+    running,
+    yaml_changes,
+)
+from tests.processes import Stack, StartStack
+from tests.support import get_json, wait_for
 from tests.tools import ROOT, dashboard_paths, dashboard_queries, panels, require_binary, substitute
 
 #: (name, region, role, priority): a standby in the victim's region to fail over to.
@@ -39,7 +46,7 @@ VICTIM = "master-a"
 SURVIVOR = "master-b"
 #: Long cooldown: exactly one failover; checkpoints every second so it moves real state.
 FAILOVER = {"enabled": True, "cooldown": "60s", "checkpoint_interval": "1s"}
-#: tests.processes.write_config probes every 500ms and fails a master after 3 failures, so the
+#: tests.support.FAST_PROBE probes every 500ms and fails a master after 3 failures, so the
 #: rendered HAMasterDown waits ceil(0.5 s x 3) = 2s instead of the shipped 15s.
 EXPECTED_DOWN_FOR = "2s"
 
@@ -132,15 +139,14 @@ async def route_some(http: aiohttp.ClientSession, base: str, n: int = 20) -> Non
             assert r.status == 200, await r.text()
 
 
-async def test_sigkilled_master_pages_the_oncall_and_resolves(tmp_path: Path) -> None:
+async def test_sigkilled_master_pages_the_oncall_and_resolves(
+    tmp_path: Path, stack: StartStack
+) -> None:
     prometheus = require_binary("prometheus")
     alertmanager = require_binary("prometheus-alertmanager", "alertmanager")
-    stack = Stack(tmp_path, SPECS, failover=FAILOVER)
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-            await _run(http, tmp_path, stack, prometheus, alertmanager)
-    finally:
-        stack.stop()
+    fleet = await stack(SPECS, failover=FAILOVER)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        await _run(http, tmp_path, fleet, prometheus, alertmanager)
 
 
 async def _run(http: aiohttp.ClientSession, tmp: Path, stack: Stack, prometheus: str,
@@ -152,32 +158,33 @@ async def _run(http: aiohttp.ClientSession, tmp: Path, stack: Stack, prometheus:
                      if r.get("alert") == "HAMasterDown")
     assert down_rule["for"] == EXPECTED_DOWN_FOR
 
-    ports = {n: free_port() for n in ("prometheus", "alertmanager", "receiver")}
-    addr = {n: f"127.0.0.1:{p}" for n, p in ports.items()}
     exporter = stack.base.removeprefix("http://")
-    prom_subs = {
-        "scrape_interval: 15s": "scrape_interval: 1s",
-        "evaluation_interval: 15s": "evaluation_interval: 1s",
-        "scrape_interval: 5s": "scrape_interval: 1s",
-        "../../alert_rules/*.yml": f"{rules_dir}/*.yml",
-        "127.0.0.1:9108": exporter,
-        "127.0.0.1:9093": addr["alertmanager"],
-        "127.0.0.1:9090": addr["prometheus"],
-    }
+
+    def prom_subs(addr: Addresses) -> dict[str, str]:
+        return {
+            "scrape_interval: 15s": "scrape_interval: 1s",
+            "evaluation_interval: 15s": "evaluation_interval: 1s",
+            "scrape_interval: 5s": "scrape_interval: 1s",
+            "../../alert_rules/*.yml": f"{rules_dir}/*.yml",
+            "127.0.0.1:9108": exporter,
+            "127.0.0.1:9093": addr["alertmanager"],
+            "127.0.0.1:9090": addr["prometheus"],
+        }
+
     # The shipped waits (5s, 30s for info, group_interval 30s) would make this test a minute
     # long; they are timing, not routing, and only they are shortened.
-    am_subs = {
-        "127.0.0.1:9099": addr["receiver"],
-        "group_wait: 5s": "group_wait: 1s",
-        "group_wait: 30s": "group_wait: 1s",
-        "group_interval: 30s": "group_interval: 1s",
-    }
-    async with running(http, tmp, prometheus, alertmanager, prom_subs, am_subs, ports) as mon:
-        try:
-            await _scenario(http, stack, mon, exporter, rules_dir, addr)
-        except BaseException:
-            print(mon.logs(), f"--- exporter ---\n{stack.exporter.output()[-3000:]}", sep="\n")
-            raise
+    def am_subs(addr: Addresses) -> dict[str, str]:
+        return {
+            "127.0.0.1:9099": addr["receiver"],
+            "group_wait: 5s": "group_wait: 1s",
+            "group_wait: 30s": "group_wait: 1s",
+            "group_interval: 30s": "group_interval: 1s",
+        }
+
+    # every process's log (masters, exporter, receiver, Alertmanager, Prometheus) is in tmp:
+    # a failure prints their tails (tests/conftest.py)
+    async with running(http, tmp, prometheus, alertmanager, prom_subs, am_subs) as mon:
+        await _scenario(http, stack, mon, exporter, rules_dir, mon.addresses)
 
 
 async def _scenario(http: aiohttp.ClientSession, stack: Stack, mon: Monitoring, exporter: str,
@@ -279,11 +286,8 @@ async def _scenario(http: aiohttp.ClientSession, stack: Stack, mon: Monitoring, 
     assert ticket_note["notification"]["groupLabels"] == {"alertname": "HAFailoverExecuted",
                                                           "master": VICTIM}
 
-    # 5. Restart on the same port: the page resolves.
-    old = stack.masters[VICTIM]
-    old.stop()
-    region, role = next((r, role) for n, r, role, _ in SPECS if n == VICTIM)
-    stack.masters[VICTIM] = start_master(stack.tmp, VICTIM, stack.ports[VICTIM], region, role)
+    # 5. Restart on the same port (the URL in the exporter's config): the page resolves.
+    await stack.restart_master(VICTIM)
     timeline["restarted"] = time.monotonic() - t0
     resolved_note, resolved = await wait_for(
         lambda: _received(mon, "HAMasterDown", "resolved"), 30,

@@ -5,59 +5,40 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import time
 
 import aiohttp
 import pytest
 
-from tests.processes import TOKEN, Proc, start_exporter, start_master, write_config
-from tests.support import free_port, metric_value, wait_for, wait_ready
+from tests.processes import Processes, StartStack, exporter_cli
+from tests.support import (
+    TOKEN,
+    TOKEN_ENV,
+    closed_port,
+    master_entry,
+    metric_value,
+    wait_for,
+    write_config,
+)
 
 
 @pytest.fixture
-async def fleet(tmp_path):
-    ports = [free_port(), free_port()]
-    masters = [
-        start_master(tmp_path, "master-a", ports[0]),
-        start_master(tmp_path, "master-b", ports[1], region="usa"),
-    ]
-    config = write_config(
-        tmp_path,
-        [
-            {
-                "name": "master-a",
-                "url": f"http://127.0.0.1:{ports[0]}",
-                "priority": 1,
-                "region": "uae",
-            },
-            {
-                "name": "master-b",
-                "url": f"http://127.0.0.1:{ports[1]}",
-                "priority": 2,
-                "region": "usa",
-            },
-        ],
+async def fleet(stack: StartStack, http: aiohttp.ClientSession):
+    fleet = await stack(
+        [("master-a", "uae", "active", 1), ("master-b", "usa", "active", 2)],
         failover={"enabled": False},
     )
-    exporter, base = start_exporter(tmp_path, config)
-    procs = [*masters, exporter]
-    try:
-        async with aiohttp.ClientSession() as http:
-            await wait_ready(http, base)
-            yield masters, exporter, base, config, http
-    finally:
-        for p in procs:
-            p.stop()
+    await fleet.ready(http)
+    return fleet
 
 
-async def test_sigkilled_master_is_failed_on_metrics_within_the_bound(fleet):
-    masters, _exporter, base, _, http = fleet
+async def test_sigkilled_master_is_failed_on_metrics_within_the_bound(fleet, http):
+    base = fleet.base
     interval, timeout, threshold = 0.5, 0.3, 3
     bound = threshold * interval + timeout + interval
     failed = 'ha_master_state{master="master-a",state="failed"}'
     assert await metric_value(http, base, failed) == 0
-    masters[0].kill(signal.SIGKILL)
+    fleet.masters["master-a"].kill(signal.SIGKILL)
     t0 = time.monotonic()
 
     async def is_failed() -> bool:
@@ -77,15 +58,11 @@ async def test_sigkilled_master_is_failed_on_metrics_within_the_bound(fleet):
     assert await metric_value(http, base, 'ha_master_state{master="master-b",state="healthy"}') == 1
 
 
-async def test_sighup_reloads_and_sigterm_stops_cleanly(fleet):
-    _masters, exporter, base, config, http = fleet
+async def test_sighup_reloads_and_sigterm_stops_cleanly(fleet, http):
+    exporter, base, config = fleet.exporter, fleet.base, fleet.config
     config.write_text(config.read_text().replace("failure_threshold: 3", "failure_threshold: 4"))
     exporter.kill(signal.SIGHUP)
-
-    async def reloaded() -> bool:
-        return "config reloaded" in exporter.output()
-
-    await wait_for(reloaded, 5, "reload logged")
+    await exporter.wait_output("config reloaded", 5, "reload logged")
     assert await metric_value(http, base, "ha_config_last_reload_success") == 1
     t0 = time.monotonic()
     exporter.kill(signal.SIGTERM)
@@ -96,27 +73,22 @@ async def test_sighup_reloads_and_sigterm_stops_cleanly(fleet):
 
 
 def test_refuses_to_start_without_a_token(tmp_path):
-    config = write_config(tmp_path, [{"name": "m", "url": "http://127.0.0.1:1"}])
+    config = write_config(tmp_path, [master_entry("m", "http://127.0.0.1:1")])
     res = subprocess.run(
-        [sys.executable, "-m", "exporter.cli", "run", "--config", str(config)],
+        exporter_cli("run", "--config", str(config)),
         capture_output=True,
         text=True,
         timeout=30,
         env={"PATH": "/usr/bin:/bin"},
     )
     assert res.returncode == 2
-    assert "HA_TEST_TOKEN" in res.stderr and "--insecure-no-auth" in res.stderr
+    assert TOKEN_ENV in res.stderr and "--insecure-no-auth" in res.stderr
 
 
-async def test_insecure_no_auth_warns_at_start(tmp_path):
-    config = write_config(tmp_path, [{"name": "m", "url": f"http://127.0.0.1:{free_port()}"}])
-    proc = Proc(
-        ["run", "--config", str(config), "--insecure-no-auth"],
-        tmp_path / "x.log",
-        env={"HA_TEST_TOKEN": ""},
+async def test_insecure_no_auth_warns_at_start(tmp_path, processes: Processes):
+    config = write_config(
+        tmp_path, [master_entry("m", f"http://127.0.0.1:{closed_port()}")]
     )
-    try:
-        await wait_for(lambda: "insecure-no-auth" in proc.output(), 10, "the warning")
-        assert "WARNING" in proc.output()
-    finally:
-        proc.stop()
+    proc = await processes.exporter(config, "--insecure-no-auth", env={TOKEN_ENV: ""})
+    await proc.wait_output("insecure-no-auth", 10, "the warning")
+    assert "WARNING" in proc.output()

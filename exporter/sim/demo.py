@@ -15,6 +15,7 @@ import random
 import secrets
 import signal
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -35,8 +36,11 @@ DEMO_FLEET = (
 )
 
 
-def demo_config(port: int, master_port: int, interval: str, state_dir: Path) -> Config:
-    """The embedded default config: the contract's example fleet on loopback."""
+def demo_config(
+    port: int, master_ports: Sequence[int], interval: str, state_dir: Path
+) -> Config:
+    """The embedded default config: the contract's example fleet on loopback, the masters on
+    ``master_ports`` (one per DEMO_FLEET entry, in order)."""
     return parse_config(
         {
             "listen": {"host": "127.0.0.1", "port": port},
@@ -52,12 +56,14 @@ def demo_config(port: int, master_port: int, interval: str, state_dir: Path) -> 
             "masters": [
                 {
                     "name": n,
-                    "url": f"http://127.0.0.1:{master_port + i}",
+                    "url": f"http://127.0.0.1:{master_port}",
                     "priority": prio,
                     "region": region,
                     "role": role,
                 }
-                for i, (n, region, role, prio) in enumerate(DEMO_FLEET)
+                for master_port, (n, region, role, prio) in zip(
+                    master_ports, DEMO_FLEET, strict=True
+                )
             ],
             "balancing": {
                 "strategy": "round_robin",
@@ -79,6 +85,7 @@ def demo_config(port: int, master_port: int, interval: str, state_dir: Path) -> 
 
 
 async def _start_master(name: str, region: str, role: str, port: int) -> web.AppRunner:
+    """One simulated master on 127.0.0.1:port (0: a free port, read from runner.addresses)."""
     runner = web.AppRunner(create_app(SimulatedMaster(name, region, role)), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -121,12 +128,15 @@ async def _set_mode(session: aiohttp.ClientSession, url: str, mode: str) -> None
 async def run_demo(args: argparse.Namespace) -> None:
     state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="ha-"))
     state_dir.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config(args.port, args.master_port, args.interval, state_dir)
-    token = secrets.token_urlsafe(18)
+    # --master-port 0: every master binds a free port of its own; the config names the bound
+    # ones, so the masters start before the config is made.
     runners = [
-        await _start_master(m.name, m.region, m.role, args.master_port + i)
-        for i, m in enumerate(cfg.masters)
+        await _start_master(name, region, role, args.master_port + i if args.master_port else 0)
+        for i, (name, region, role, _) in enumerate(DEMO_FLEET)
     ]
+    ports = [int(runner.addresses[0][1]) for runner in runners]
+    cfg = demo_config(args.port, ports, args.interval, state_dir)
+    token = secrets.token_urlsafe(18)
     service = Service(cfg, token=token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -475,9 +475,13 @@ async def serve_master(
     role: str = "active",
     host: str = "127.0.0.1",
     drain_rate: float = 50.0,
+    on_listening: Callable[[str], None] | None = None,
 ) -> None:
     """Run one master until SIGTERM/SIGINT or cancellation, then close within a second
-    (hung requests are let go, in-flight ones get half a second)."""
+    (hung requests are let go, in-flight ones get half a second).
+
+    ``port`` 0 binds an ephemeral port; ``on_listening`` is called with the base URL actually
+    bound (``http://host:port``) once the socket listens, so a caller can learn that port."""
     master = SimulatedMaster(name, region, role, drain_rate=drain_rate)
     runner = web.AppRunner(create_app(master), access_log=None, shutdown_timeout=0.5)
     stop = asyncio.Event()
@@ -496,6 +500,8 @@ async def serve_master(
             bound,
             extra={"master": name, "region": region, "role": role, "event": "listening"},
         )
+        if on_listening is not None:
+            on_listening(f"http://{host}:{bound}")
         await stop.wait()
         log.info("master %s stopping", name)
     finally:

@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +22,8 @@ from exporter.sim.master import (
     serve_master,
     snapshot_checksum,
 )
-from tests.support import free_port, serve_app, wait_for
+from tests.processes import Processes
+from tests.support import serve_app, wait_for
 
 SHORT = aiohttp.ClientTimeout(total=0.5)
 
@@ -149,11 +148,17 @@ async def _queue_below(http: aiohttp.ClientSession, base: str, n: int) -> bool:
 
 async def test_injected_backlog_degrades_until_cleared(pair):
     _, _, ua, _, http = pair
+    idle = (await health(http, ua))["cpu_percent"]
     assert await call(http, "POST", f"{ua}/chaos", {"queue_length": 1500}) == (
         200,
         {"mode": "ok", "delay_seconds": 1.0, "queue_length": 1500},
     )
-    await asyncio.sleep(0.3)  # several drain ticks: an injected backlog is not processed
+
+    async def ticked() -> bool:  # cpu climbs with the backlog's load, a little each tick
+        return (await health(http, ua))["cpu_percent"] > idle + 15
+
+    # several drain ticks: an injected backlog is not processed
+    await wait_for(ticked, 5, "several simulation ticks under the backlog")
     h = await health(http, ua)
     assert (h["status"], h["queue_length"]) == ("degraded", 1500)
     await call(http, "POST", f"{ua}/chaos", {"mode": "ok", "queue_length": 0})
@@ -319,8 +324,8 @@ async def test_chaos_hang_holds_requests_until_healed(pair):
     assert time.monotonic() - t0 >= 0.5
     assert (await call(http, "GET", f"{ua}/messages"))[0] == 200  # exempt, answers at once
     held = asyncio.create_task(health(http, ua))
-    await asyncio.sleep(0.2)
-    assert not held.done()
+    done, _ = await asyncio.wait({held}, timeout=0.2)
+    assert not done  # still held 0.2 s later
     await call(http, "POST", f"{ua}/chaos", {"mode": "ok"})
     assert (await asyncio.wait_for(held, 2))["status"] == "ok"
 
@@ -371,46 +376,50 @@ async def test_unknown_paths_and_methods_answer_json(pair):
 
 
 async def test_serve_master_stops_when_cancelled():
-    port = free_port()
-    task = asyncio.create_task(serve_master("m0", port, "usa", "standby"))
-    async with aiohttp.ClientSession() as http:
-        h = await wait_for(lambda: health(http, f"http://127.0.0.1:{port}"), 5, "m0 to answer")
+    urls: list[str] = []
+    task = asyncio.create_task(
+        serve_master("m0", 0, "usa", "standby", on_listening=urls.append)
+    )
+    try:
+        await wait_for(lambda: urls or task.done(), 5, "m0 to listen")
+        assert urls, task  # it listens (and has not ended with an error)
+        (url,) = urls
+        assert not url.endswith(":0"), "port 0 is resolved to the bound port"
+        async with aiohttp.ClientSession() as http:
+            h = await health(http, url)
         assert (h["name"], h["region"], h["active"]) == ("m0", "usa", False)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.wait_for(task, 2)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 2)
     assert task.done()
 
 
-async def test_master_process_stops_cleanly_on_sigterm_even_while_hung():
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    code = (
-        "import asyncio; from exporter.sim.master import serve_master; "
-        f"asyncio.run(serve_master('m1', {port}))"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        async with aiohttp.ClientSession() as http:
-            await wait_for(lambda: health(http, base), 10, "the master process to answer")
-            await call(http, "POST", f"{base}/chaos", {"mode": "hang"})
+async def test_master_process_stops_cleanly_on_sigterm_even_while_hung(processes: Processes):
+    master = await processes.master("m1")  # `ha-exporter master --port 0`, port read back
+    base = master.url
+    sent = asyncio.Event()
 
-            async def hung() -> None:
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(f"{base}/health") as r:
-                        await r.read()
+    async def headers_sent(*_: object) -> None:
+        sent.set()
 
-            held = asyncio.create_task(hung())  # held until the shutdown lets it go
-            await asyncio.sleep(0.1)
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            _, err = await asyncio.to_thread(proc.communicate, timeout=5)
-            assert proc.returncode == 0, err.decode(errors="replace")
-            assert time.monotonic() - t0 < 2
-            await asyncio.wait_for(held, 2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(headers_sent)
+    async with aiohttp.ClientSession() as http, \
+            aiohttp.ClientSession(trace_configs=[trace]) as held_http:
+        assert (await health(http, base))["name"] == "m1"
+        await call(http, "POST", f"{base}/chaos", {"mode": "hang"})
+
+        async def hung() -> None:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with held_http.get(f"{base}/health") as r:
+                    await r.read()
+
+        held = asyncio.create_task(hung())  # held until the shutdown lets it go
+        await wait_for(sent.is_set, 5, "the request to be on its way")
+        t0 = time.monotonic()
+        master.kill(signal.SIGTERM)
+        code = await asyncio.to_thread(master.wait, 5)
+        assert code == 0, master.output()
+        assert time.monotonic() - t0 < 2
+        await asyncio.wait_for(held, 2)
