@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -40,7 +41,7 @@ def _template(source: str) -> Any:
     return _ENV.from_string(source)
 
 
-def render_body(template: str | None, context: dict[str, Any]) -> bytes:
+def render_body(template: str | None, context: Mapping[str, Any]) -> bytes:
     """The hook body: the rendered template (validated as JSON) or the context as JSON."""
     if template is None:
         return json.dumps(context, default=str, sort_keys=True).encode()
@@ -56,7 +57,7 @@ def render_body(template: str | None, context: dict[str, Any]) -> bytes:
 
 
 async def call_hook(session: aiohttp.ClientSession, hook: HookConfig,
-                    context: dict[str, Any], phase: str) -> None:
+                    context: Mapping[str, Any], phase: str) -> None:
     """POST the rendered body to the hook URL; raise HookError unless it answers 2xx."""
     body = render_body(hook.body, context)
     try:
@@ -78,7 +79,8 @@ def _iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def alert_payload(record: dict[str, Any], generator_url: str | None = None) -> list[dict]:
+def alert_payload(record: Mapping[str, Any],
+                  generator_url: str | None = None) -> list[dict[str, Any]]:
     """Alertmanager v2 alerts for one finished failover record (a one-element list)."""
     ok = record.get("result") == "success"
     started = datetime.fromtimestamp(float(record.get("started") or 0), UTC)
@@ -110,7 +112,7 @@ def alert_payload(record: dict[str, Any], generator_url: str | None = None) -> l
 
 
 async def post_alert(session: aiohttp.ClientSession, am: AlertmanagerConfig,
-                     record: dict[str, Any], timeout: float = 5.0,
+                     record: Mapping[str, Any], timeout: float = 5.0,
                      generator_url: str | None = None) -> bool:
     """Best effort POST {url}/api/v2/alerts; False (and a log line) on any error."""
     url = am.url.rstrip("/") + "/api/v2/alerts"

@@ -1,74 +1,62 @@
-"""What a failover engine shares with its recovery: the move record, outcomes, statistics.
+"""A move in flight: the request that starts one, its running record, and how one stops.
 
-Kept apart from the engine so that crash recovery (exporter/recovery.py) and the engine
-(exporter/failover.py) can both use them without importing each other.
+Kept apart from the engine so that crash recovery and the ledger can use them without importing
+the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from exporter.failover.records import StepEntry
 from exporter.failover.selection import Ranking
 
-log = logging.getLogger(__name__)
-
-RESULTS = ("success", "rolled_back", "failed", "skipped_cooldown", "dry_run")
+# The results a move that ran can end with (skipped_cooldown and dry_run are recorded only).
 EXECUTED = ("success", "rolled_back", "failed")
+# Bounds of the ha_failover_duration_seconds histogram.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
 RoutingCallback = Callable[[str, str | None], None]
-ResultListener = Callable[[str, str, float | None], None]
 
 
 class StepFailed(Exception):
+    """A step of the current candidate failed: roll the candidate back, try the next."""
+
     def __init__(self, step: str, reason: str) -> None:
         super().__init__(f"{step}: {reason}")
         self.step = step
         self.reason = reason
 
 
-class Aborted(Exception):
+class Interrupted(Exception):
     """The move must stop now (deadline or shutdown): roll back, record rolled_back."""
 
 
-@dataclass
-class FailoverStats:
-    """What /metrics needs, kept as plain numbers (the lead's collector reads them) and pushed
-    to ``listeners(master, result, duration_or_None)`` for prometheus_client objects."""
+@dataclass(frozen=True, slots=True)
+class MoveRequest:
+    """What an operator or the policy asked for; the engine turns it into a Move."""
 
-    results: dict[tuple[str, str], int] = field(default_factory=dict)
-    bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
-    duration_sum: float = 0.0
-    duration_count: int = 0
-    in_progress: int = 0
-    candidate_rollbacks: dict[str, int] = field(default_factory=dict)
-    listeners: list[ResultListener] = field(default_factory=list)
-
-    def record(self, master: str, result: str, duration: float | None) -> None:
-        self.results[(master, result)] = self.results.get((master, result), 0) + 1
-        if duration is not None:
-            self.duration_sum += duration
-            self.duration_count += 1
-            i = next((i for i, b in enumerate(DURATION_BUCKETS) if duration <= b),
-                     len(DURATION_BUCKETS))
-            self.bucket_counts[i] += 1
-        for fn in self.listeners:
-            try:
-                fn(master, result, duration)
-            except Exception:
-                log.exception("failover metrics listener failed")
+    kind: str  # failover, switchover or failback
+    master: str  # whose duties move: the subject of the record
+    source: str  # where the state comes from
+    duties: tuple[str, ...]
+    to: str | None
+    trigger: str
+    reason: str
+    actor: str
 
 
 @dataclass
 class Move:
+    """A move being executed (or recovered): what it moves and what it has done so far."""
+
     id: int
     kind: str
-    master: str  # whose duties move: the subject of the record
-    source: str  # where the state comes from
+    master: str
+    source: str
     duties: list[str]
     trigger: str
     reason: str
@@ -76,10 +64,22 @@ class Move:
     started: float
     deadline: float  # monotonic
     t0: float = field(default_factory=time.monotonic)
-    steps: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[StepEntry] = field(default_factory=list)
     ranking: Ranking | None = None
     backup: str | None = None
-    fenced: bool = False
-    abort: asyncio.Event = field(default_factory=asyncio.Event)
-    abort_reason: str = ""
+    fenced: bool = False  # a fence was attempted: a failed move must un-fence
+    stop_reason: str | None = None  # set by ``interrupt``
+    scope: asyncio.Timeout | None = None  # the deadline of the forward step running now
     unresponsive: set[str] = field(default_factory=set)
+
+    def interrupt(self, reason: str) -> None:
+        """Stop the move at its running forward step, or before its next one. Undo work is
+        never inside that scope, so a rollback under way completes."""
+        self.stop_reason = reason
+        if self.scope is not None and not self.scope.expired():
+            self.scope.reschedule(asyncio.get_running_loop().time())
+
+    @property
+    def late(self) -> bool:
+        """Interrupted or past its deadline: what is left to do should be quick."""
+        return self.stop_reason is not None or time.monotonic() > self.deadline

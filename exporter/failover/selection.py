@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
+from exporter.failover.records import CandidateEntry
 from exporter.fleet import MasterRuntime, State
 
 
@@ -21,8 +21,8 @@ class Ranking:
     """Ordered eligible backups plus an explanation for every master considered."""
 
     order: list[MasterRuntime]
-    candidates: list[dict[str, Any]] = field(default_factory=list)
-    _by_name: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    candidates: list[CandidateEntry] = field(default_factory=list)
+    _by_name: dict[str, CandidateEntry] = field(default_factory=dict, repr=False)
 
     def note(self, name: str, outcome: str) -> None:
         """Record what happened to a candidate when it was tried (or not)."""
@@ -61,8 +61,8 @@ def rank(failed: MasterRuntime, fleet: Iterable[MasterRuntime], role_of: Callabl
     busy = busy or {}
     region = failed.config.region
     eligible: list[tuple[tuple[int, int, int, float, str], MasterRuntime]] = []
-    candidates: list[dict[str, Any]] = []
-    by_name: dict[str, dict[str, Any]] = {}
+    candidates: list[CandidateEntry] = []
+    by_name: dict[str, CandidateEntry] = {}
     for rt in fleet:
         reason = _passed_over(rt, failed.name, busy, allowed_regions)
         role = role_of(rt.name)
@@ -73,10 +73,11 @@ def rank(failed: MasterRuntime, fleet: Iterable[MasterRuntime], role_of: Callabl
                    0 if cfg.region == region else 1, load, cfg.name)
             eligible.append((key, rt))
         if explain and rt.name != failed.name:
-            entry = {"name": rt.name, "role": role, "priority": rt.config.priority,
-                     "region": rt.config.region, "state": str(rt.health.state),
-                     "queue_length": rt.queue_length, "eligible": reason is None,
-                     "rank": None, "reason": reason}
+            entry: CandidateEntry = {"name": rt.name, "role": role, "priority": rt.config.priority,
+                                     "region": rt.config.region,
+                                     "state": str(rt.health.state),
+                                     "queue_length": rt.queue_length, "eligible": reason is None,
+                                     "rank": None, "reason": reason}
             candidates.append(entry)
             by_name[rt.name] = entry
     eligible.sort(key=lambda item: item[0])

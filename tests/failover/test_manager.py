@@ -30,6 +30,7 @@ from exporter.failover.protocol import MasterCallError, parse_snapshot
 from exporter.fleet import Fleet, State, Transition
 from exporter.sim.master import SimulatedMaster, create_app, snapshot_checksum
 from exporter.store.sqlite import Store
+from tests.failover.driving import drive
 from tests.support import free_port, wait_for
 
 # name, region, role, priority
@@ -104,7 +105,7 @@ class Lab:
         site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
         self.sims[name], self.runners[name] = sim, runner
-        self.urls[name] = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        self.urls[name] = f"http://127.0.0.1:{runner.addresses[0][1]}"
 
     async def kill(self, name: str) -> None:
         """The master's server goes away: connection refused from now on."""
@@ -117,17 +118,21 @@ class Lab:
             await runner.cleanup()
         self.store.close()
 
-    def fail(self, name: str, mgr: FailoverManager | None = None) -> Transition:
-        rt = self.fleet.get(name)
-        old = rt.health.state
-        rt.health.state = State.FAILED
-        return Transition(name, old, State.FAILED, "timeout: test", time.time())
+    def fail(self, name: str) -> Transition:
+        """Failed probes until the master's health machine fails it; that transition."""
+        t = drive(self.fleet.get(name), State.FAILED, "timeout: test")
+        assert t is not None
+        return t
 
     def heal(self, name: str) -> Transition:
-        rt = self.fleet.get(name)
-        old = rt.health.state
-        rt.health.state = State.HEALTHY
-        return Transition(name, old, State.HEALTHY, "success", time.time())
+        """Good probes until it serves again; the transition back to healthy."""
+        t = drive(self.fleet.get(name), State.HEALTHY, "success")
+        assert t is not None
+        return t
+
+    def degrade(self, *names: str) -> None:
+        for name in names:
+            drive(self.fleet.get(name), State.DEGRADED, "slow")
 
     async def chaos(self, name: str, mode: str, **extra: Any) -> None:
         async with self.session.post(f"{self.urls[name]}/chaos",
@@ -256,8 +261,7 @@ async def test_every_candidate_fails_nothing_half_active(tmp_path):
 
 async def test_no_eligible_candidate_explains_why(tmp_path):
     async with Lab(tmp_path) as lab:
-        for name in ("b", "c", "d"):
-            lab.fleet.get(name).health.state = State.DEGRADED
+        lab.degrade("b", "c", "d")
         rec = await lab.mgr.failover("a", trigger="auto", reason="test")
         assert rec["result"] == "failed"
         assert "no eligible backup (3x not healthy (degraded))" in rec["reason"]
@@ -271,8 +275,7 @@ async def test_flapping_at_most_one_failover_per_cooldown(tmp_path):
             await lab.mgr.on_transition(lab.fail("a"))
             await lab.mgr.on_transition(lab.heal("a"))
         # b too, but its failovers fail (no healthy candidate): cooldown must hold it
-        for name in ("a", "c", "d"):
-            lab.fleet.get(name).health.state = State.DEGRADED
+        lab.degrade("a", "c", "d")
         for _ in range(5):
             await lab.mgr.on_transition(lab.fail("b"))
             await lab.mgr.on_transition(lab.heal("b"))
@@ -303,7 +306,7 @@ async def test_fleet_cooldown_and_failback_after_cooldown(tmp_path):
         await lab.mgr.on_transition(lab.heal("a"))
         assert lab.holders_of("a") == ["c"]
         await asyncio.sleep(0.35)
-        lab.fleet.get("b").health.state = State.HEALTHY
+        lab.heal("b")
         await lab.mgr.reconcile()
         rec = lab.store.list_failovers()[0]
         assert rec["kind"] == "failback" and rec["result"] == "success", rec
@@ -378,7 +381,7 @@ async def test_rejections(tmp_path):
         assert "standby" in str(e.value)
         with pytest.raises(InvalidRequest):
             await lab.mgr.switchover("a", "a")
-        lab.fleet.get("d").health.state = State.DEGRADED
+        lab.degrade("d")
         with pytest.raises(Conflict) as e:
             await lab.mgr.switchover("a", "d")
         assert "degraded" in str(e.value)
@@ -387,7 +390,7 @@ async def test_rejections(tmp_path):
         # single flight: a second failover of the same master while one runs
         await lab.chaos("c", "slow", delay_seconds=0.5)
         first = asyncio.create_task(lab.mgr.failover("a"))
-        await wait_for(lambda: "a" in lab.mgr._inflight, 2, "failover running")
+        await wait_for(lambda: "a" in lab.mgr.running(), 2, "failover running")
         with pytest.raises(Conflict):
             await lab.mgr.failover("a")
         assert await lab.mgr.auto_failover("a", "dup") is None
@@ -410,7 +413,7 @@ async def test_pre_hook_failure_aborts_and_post_hook_and_alertmanager(tmp_path):
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
     hooks = {"pre_hook": {"url": f"{base}/pre",
                           "body": '{"master": "{{ master }}", "backup": "{{ backup }}"}'},
              "post_hook": {"url": f"{base}/post"},
@@ -426,7 +429,6 @@ async def test_pre_hook_failure_aborts_and_post_hook_and_alertmanager(tmp_path):
             assert alert["labels"]["alertname"] == "HAFailoverFailed"
             status["pre"] = 200
             got.clear()
-            lab.mgr._last_move.clear()
             rec = await lab.mgr.failover("a", trigger="auto", reason="t")
             assert rec["result"] == "success"
             await wait_for(lambda: {p for p, _ in got} >= {"/pre", "/post", "/api/v2/alerts"},
@@ -501,7 +503,7 @@ async def test_checkpoints_keep_last_good(tmp_path):
         assert await lab.mgr.checkpoint_round() == {"a": False, "b": True}
         assert lab.store.checkpoint("a") == good and lab.mgr.checkpoint_ts("a") == ts_a
         assert "not JSON" in lab.mgr.checkpoints.errors["a"]
-        lab.fleet.get("b").health.state = State.FAILED
+        lab.fail("b")
         assert await lab.mgr.checkpoint_round() == {"a": False}  # only serving actives
 
 
@@ -659,9 +661,9 @@ async def test_sigkilled_master_process_state_moves_to_standby_process(tmp_path,
         checkpointed = json.loads(raw)
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(timeout=10)
-        fleet.get("a").health.state = State.FAILED
+        failed = drive(fleet.get("a"), State.FAILED, "timeout")
         t0 = time.monotonic()
-        await mgr.on_transition(Transition("a", State.HEALTHY, State.FAILED, "timeout", 0.0))
+        await mgr.on_transition(failed)
         took = time.monotonic() - t0
         [rec] = store.list_failovers()
         assert rec["result"] == "success" and rec["backup"] == "c", rec
@@ -701,7 +703,9 @@ CRASHING_MANAGER = textwrap.dedent("""
             duties = DutyTable(cfg.masters, store, lambda _event: None)
             mgr = FailoverManager(cfg, fleet, store, duties, session)
             await mgr.checkpoint_round()
-            fleet.get("a").health.state = State.FAILED
+            a = fleet.get("a")
+            while a.health.state is not State.FAILED:  # failed probes, as the prober feeds
+                a.health.observe(False, False, "timeout", 0.0)
             await mgr.failover("a", trigger="auto", reason="health: timeout")
 
     asyncio.run(main())
@@ -740,10 +744,11 @@ async def test_exporter_sigkilled_between_import_and_activate_recovers_once(tmp_
         async with session.get(f"{urls['d']}/health") as r:
             assert (await r.json())["active"] is False
         # exactly once: a second restart recovers nothing, starts nothing
-        mgr2 = FailoverManager(cfg, Fleet(cfg.masters, cfg.probe, 5), store,
-                               DutyTable(cfg.masters, store, _ignore), session)
+        fleet2 = Fleet(cfg.masters, cfg.probe, 5)
+        mgr2 = FailoverManager(cfg, fleet2, store, DutyTable(cfg.masters, store, _ignore),
+                               session)
         assert await mgr2.recover_journal() == []
-        await mgr2.on_transition(Transition("a", State.HEALTHY, State.FAILED, "t", 0.0))
+        await mgr2.on_transition(drive(fleet2.get("a"), State.FAILED, "t"))
         assert store.count_failovers() == 1
         await mgr.shutdown(1)
         await mgr2.shutdown(1)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from exporter.config import MasterConfig, ProbeConfig
 from exporter.failover.selection import rank
 from exporter.fleet import Fleet, State
+from tests.failover.driving import drive
 
 
 def fleet_of(*specs: dict) -> Fleet:
@@ -58,8 +59,8 @@ def test_passed_over_reasons():
         {"name": "far", "role": "standby", "region": "mars"},
         {"name": "ok", "role": "standby"},
     )
-    f.get("degr").health.state = State.DEGRADED
-    f.get("failed").health.state = State.FAILED
+    drive(f.get("degr"), State.DEGRADED)
+    drive(f.get("failed"), State.FAILED)
     f.get("maint").health.set_maintenance(True, 0.0)
     r = rank(f.get("dead"), f, configured(f), busy={"busy": "taking over x"},
              allowed_regions={"default"})
@@ -94,7 +95,7 @@ def test_ranking_is_total_and_sorted(specs):
                    for i, s in enumerate(specs)))
     for i, s in enumerate(specs):
         rt = f.get(f"m{i}")
-        rt.health.state = s["state"]
+        drive(rt, s["state"])
         rt.queue_length = s["queue"]
     failed = f.get("m0")
     r = rank(failed, f, configured(f))
