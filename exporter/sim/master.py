@@ -1,309 +1,34 @@
 """A simulated master: a real HTTP server speaking the whole master protocol.
 
-It stands in for a WhatsApp-bot "master" account (phone-number sessions, pending messages,
-a region) so that probing, failover and balancing are tested against real sockets and real
-processes, and can be told to misbehave (``POST /chaos``) or be killed like a real one.
-
-State and behaviour live in :class:`SimulatedMaster` (no I/O, time advanced by
-:meth:`SimulatedMaster.step`) so they can be checked without a server; :func:`create_app`
-is the thin HTTP layer, and the only background work is the task that calls ``step``.
+Probing, failover and balancing are tested against real sockets and real processes through
+it, and it can be told to misbehave (``POST /chaos``) or be killed like a real one. State and
+behaviour live in ``exporter.sim.state``; this is the thin HTTP layer, and the only background
+work is the task that advances the state's clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-import math
-import random
 import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from exporter.sim.state import (
+    MAX_BODY,
+    MAX_STATE_BODY,
+    THREAD_PARSE,
+    Reject,
+    SimulatedMaster,
+)
+
 log = logging.getLogger(__name__)
 
-CHAOS_MODES = ("ok", "down", "hang", "slow", "error", "garbage")
-ROLES = ("active", "standby")
-MAX_BODY = 1 << 20  # 1 MiB: messages and control calls
-MAX_STATE_BODY = 64 << 20  # a big master's snapshot is far larger than any message
-HANG_SECONDS = 3600.0
-TICK = 0.1  # seconds per simulation step
-_HANG_POLL = 0.05
-_THREAD_PARSE = 256 << 10  # above this, parsing and hashing a snapshot leave the event loop
-_SNAPSHOT_TYPES: dict[str, type | tuple[type, ...]] = {
-    "master": str,
-    "sessions": dict,
-    "pending_messages": list,
-    "checksum": str,
-}
-_COUNTRY = {"uae": "+9715", "usa": "+1202"}
-_EPOCH = 1_735_689_600  # 2025-01-01: seeded sessions look real and stay deterministic
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _canonical(body: dict[str, Any]) -> str:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"))
-
-
-def snapshot_checksum(snapshot: dict[str, Any]) -> str:
-    """sha256 hex of the canonical JSON of ``snapshot`` without its own ``checksum`` key: the
-    protocol's one rule, shared by masters and the exporter so either can verify the other."""
-    body = {k: v for k, v in snapshot.items() if k != "checksum"}
-    return hashlib.sha256(_canonical(body).encode()).hexdigest()
-
-
-def _clamp(value: float, low: float = 0.0, high: float = 100.0) -> float:
-    return max(low, min(high, value))
-
-
-def _message_id(value: Any) -> str | None:
-    """Ids are strings (integers tolerated); anything else cannot be deduplicated sensibly."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        return None
-    return str(value) or None
-
-
-class Reject(Exception):
-    """A request refused with a status and a reason; the app answers it as JSON."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class SimulatedMaster:
-    """State and behaviour of one master. Attributes are public on purpose: tests and the
-    benchmark set ``mode``, ``drain_rate``, ``sessions`` or ``pending`` directly."""
-
-    def __init__(
-        self,
-        name: str,
-        region: str = "default",
-        role: str = "active",
-        drain_rate: float = 50.0,
-        degraded_queue: int = 1000,
-        seed: int | None = None,
-    ) -> None:
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
-        if drain_rate < 0 or degraded_queue < 0:
-            raise ValueError("drain_rate and degraded_queue must not be negative")
-        self.name = name
-        self.region = region
-        self.role = role
-        self.active = role == "active"
-        self.duties: list[str] = [name] if self.active else []
-        self.drain_rate = drain_rate
-        self.degraded_queue = degraded_queue
-        self.mode = "ok"
-        self.delay = 1.0
-        self.backlog = 0  # injected by chaos: stays until cleared, like a stuck consumer
-        self.stopping = False  # set on shutdown: hung requests let go
-        self.pending: list[dict[str, Any]] = []
-        self.accepted: list[str] = []
-        self._seen: set[str] = set()
-        self.imported: dict[str, dict[str, Any]] = {}
-        self.config: dict[str, Any] = {
-            "webhook": f"https://bots.example/{name}",
-            "language": "en",
-            "rate_limit_per_minute": 600,
-        }
-        self._rng = random.Random(f"{name}/{seed}")  # str seeds are stable across runs
-        self._budget = 0.0
-        country = _COUNTRY.get(region, "+4420")
-        self.sessions: dict[str, dict[str, Any]] = {
-            f"{name}-s{i}": {
-                "phone": f"{country}{self._rng.randrange(10**6, 10**7)}",
-                "opened_at": _EPOCH + self._rng.randrange(30 * 86400),
-                "messages": 0,
-            }
-            for i in range(self._rng.randint(3, 5))
-        }
-        self.cpu = 5.0 + self._rng.random() * 5
-        self.memory = self._memory_target()
-
-    # --- figures -----------------------------------------------------------------------
-    @property
-    def queue_length(self) -> int:
-        return len(self.pending) + self.backlog
-
-    @property
-    def active_messages(self) -> int:
-        """Messages in the batch being worked on now: a second's worth at most."""
-        return min(len(self.pending), math.ceil(self.drain_rate))
-
-    def _memory_target(self) -> float:
-        sessions = len(self.sessions) + sum(
-            len(s.get("sessions") or ()) for s in self.imported.values()
-        )
-        return 20.0 + 60.0 * (1 - math.exp(-sessions / 20_000))  # slow growth, never past 80
-
-    def step(self, dt: float) -> int:
-        """Advance the simulation by ``dt`` seconds and return how many messages were
-        processed. A down or hung master is frozen: nothing drains, figures stand still."""
-        if self.mode in ("down", "hang"):
-            return 0
-        self._budget += self.drain_rate * dt
-        done = min(int(self._budget), len(self.pending))
-        del self.pending[:done]
-        # leftover budget carries over only while there is work, so idling builds no burst
-        self._budget = self._budget - int(self._budget) if self.pending else 0.0
-        load = min(1.0, self.queue_length / max(1, self.degraded_queue))
-        pull = min(1.0, dt)  # cpu follows the load within about a second
-        self.cpu = _clamp(
-            self.cpu + (5 + 85 * load - self.cpu) * pull + self._rng.uniform(-2, 2) * pull
-        )
-        self.memory = _clamp(
-            self.memory
-            + (self._memory_target() - self.memory) * 0.05 * pull
-            + self._rng.uniform(-0.2, 0.2) * pull
-        )
-        return done
-
-    def health(self) -> dict[str, Any]:
-        degraded = self.mode == "slow" or self.queue_length > self.degraded_queue
-        return {
-            "status": "down" if self.mode == "down" else ("degraded" if degraded else "ok"),
-            "queue_length": self.queue_length,
-            "active_messages": self.active_messages,
-            "cpu_percent": round(self.cpu, 2),
-            "memory_percent": round(self.memory, 2),
-            "name": self.name,
-            "region": self.region,
-            "active": self.active,
-            "duties": list(self.duties),
-        }
-
-    # --- state -------------------------------------------------------------------------
-    def snapshot_json(self) -> str:
-        """The snapshot as served: encoded once, for both the checksum and the body."""
-        body = _canonical(
-            {
-                "master": self.name,
-                "region": self.region,
-                "sessions": self.sessions,
-                "pending_messages": self.pending,
-                "config": self.config,
-                "imported": self.imported,
-            }
-        )
-        checksum = hashlib.sha256(body.encode()).hexdigest()
-        return f'{body[:-1]},"checksum":"{checksum}"}}'
-
-    def snapshot(self) -> dict[str, Any]:
-        """A detached copy: later messages do not change a snapshot already taken."""
-        return json.loads(self.snapshot_json())
-
-    @staticmethod
-    def verify_snapshot(snap: Any) -> str:
-        """The checksum of a well-formed, untampered snapshot; ValueError otherwise."""
-        if not isinstance(snap, dict):
-            raise ValueError("snapshot must be a JSON object")
-        for key, kind in _SNAPSHOT_TYPES.items():
-            if key not in snap:
-                raise ValueError(f"snapshot lacks {key!r}")
-            if not isinstance(snap[key], kind):
-                raise ValueError(f"snapshot {key!r} has the wrong type")
-        if not snap["master"]:
-            raise ValueError("snapshot 'master' is empty")
-        checksum = snapshot_checksum(snap)
-        if checksum != snap["checksum"]:
-            raise ValueError("checksum does not match the snapshot")
-        return checksum
-
-    def import_snapshot(self, snap: Any, checksum: str | None = None) -> str:
-        """Keep another master's snapshot, as received, under its name: importing it twice
-        keeps one copy, and the checksum answered is that of what is stored."""
-        stored = checksum or self.verify_snapshot(snap)
-        self.imported[snap["master"]] = snap
-        return stored
-
-    def drop_import(self, source: str) -> bool:
-        return self.imported.pop(source, None) is not None
-
-    # --- messages and duties -------------------------------------------------------------
-    def accept(self, message: dict[str, Any]) -> bool:
-        """Take a message; False when its id was seen before (masters dedupe by id)."""
-        mid = _message_id(message.get("id"))
-        if mid is None:
-            raise ValueError("message needs an id (a non-empty string)")
-        if mid in self._seen:
-            return False
-        self._seen.add(mid)
-        self.accepted.append(mid)
-        self.pending.append(message)
-        chat = _message_id(message.get("chat", message.get("session")))
-        if chat is not None:
-            now = round(time.time(), 3)
-            session = self.sessions.setdefault(
-                chat, {"phone": chat, "opened_at": now, "messages": 0}
-            )
-            session["messages"] = session.get("messages", 0) + 1
-            session["last_seen"] = now
-        return True
-
-    def activate(self, taken_over: str | None = None) -> dict[str, Any]:
-        """Serve, holding ``taken_over``'s duty (or, with none, its own)."""
-        duty = taken_over or self.name
-        self.active = True
-        if duty not in self.duties:
-            self.duties.append(duty)
-        return {"active": True, "duties": list(self.duties)}
-
-    def deactivate(self, taken_over: str | None = None) -> dict[str, Any]:
-        """Release one duty (a master left with none goes back to standby), or with none
-        named, fence: stop serving altogether. Imported state is kept either way."""
-        if taken_over:
-            if taken_over in self.duties:
-                self.duties.remove(taken_over)
-            self.active = self.active and bool(self.duties)
-        else:
-            self.active = False
-            self.duties = []
-        return {"active": self.active, "duties": list(self.duties)}
-
-    def set_chaos(
-        self, mode: str | None, delay_seconds: Any = None, queue_length: Any = None
-    ) -> dict[str, Any]:
-        """Validate everything before changing anything: a bad call leaves the mode as is."""
-        if mode is not None and mode not in CHAOS_MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(CHAOS_MODES)}")
-        number = int | float
-        if delay_seconds is not None and (
-            isinstance(delay_seconds, bool)
-            or not isinstance(delay_seconds, number)
-            or not 0 <= delay_seconds <= HANG_SECONDS
-        ):
-            raise ValueError(f"delay_seconds must be a number of seconds, 0 to {HANG_SECONDS:g}")
-        if queue_length is not None and (
-            isinstance(queue_length, bool) or not isinstance(queue_length, int) or queue_length < 0
-        ):
-            raise ValueError("queue_length must be a non-negative integer")
-        if mode is not None:
-            self.mode = mode
-            self.delay = 1.0 if delay_seconds is None else float(delay_seconds)
-        if queue_length is not None:
-            self.backlog = queue_length
-        return {"mode": self.mode, "delay_seconds": self.delay, "queue_length": self.queue_length}
-
-    async def hang(self) -> None:
-        """Hold a request like a frozen process: until healed, shut down, or an hour."""
-        deadline = time.monotonic() + HANG_SECONDS
-        while self.mode == "hang" and not self.stopping and time.monotonic() < deadline:
-            await asyncio.sleep(_HANG_POLL)
-
-    async def run(self) -> None:
-        """The background clock: one :meth:`step` per tick, until cancelled."""
-        while True:
-            await asyncio.sleep(TICK)
-            self.step(TICK)
-
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
@@ -395,7 +120,7 @@ def create_app(master: SimulatedMaster) -> web.Application:
 
     async def post_state(request: web.Request) -> web.Response:
         raw = await _read_body(request, MAX_STATE_BODY)
-        if len(raw) > _THREAD_PARSE:  # keep /health answering during a big import
+        if len(raw) > THREAD_PARSE:  # keep /health answering during a big import
             snap, checksum = await asyncio.to_thread(_parse_and_verify, raw)
         else:
             snap, checksum = _parse_and_verify(raw)

@@ -28,7 +28,7 @@ from exporter.failover.errors import Conflict, FailoverRejected, InvalidRequest,
 from exporter.failover.manager import FailoverManager
 from exporter.failover.protocol import MasterCallError, parse_snapshot
 from exporter.fleet import Fleet, State, Transition
-from exporter.sim.master import SimulatedMaster, create_app, snapshot_checksum
+from exporter.sim import SimulatedMaster, create_app, snapshot_checksum
 from exporter.store.sqlite import Store
 from tests.failover.driving import drive
 from tests.support import free_port, wait_for

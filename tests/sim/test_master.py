@@ -15,13 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.sim.master import (
-    MAX_BODY,
-    SimulatedMaster,
-    create_app,
-    serve_master,
-    snapshot_checksum,
-)
+from exporter.sim import SimulatedMaster, create_app, serve_master, snapshot_checksum
+from exporter.sim.state import MAX_BODY
 from tests.processes import Processes
 from tests.support import serve_app, wait_for
 
