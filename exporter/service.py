@@ -17,8 +17,7 @@ from pathlib import Path
 import aiohttp
 
 from exporter.config import Config, ConfigError, load_config, read_token
-from exporter.failover.duties import DutyTable
-from exporter.failover.manager import FailoverManager
+from exporter.failover import DutyTable, FailoverManager
 from exporter.fleet import (
     EventBus,
     Fleet,
@@ -31,7 +30,7 @@ from exporter.fleet import (
 )
 from exporter.metrics import ExporterMetrics, FleetCollector
 from exporter.probing.prober import Prober, new_session
-from exporter.routing.router import Router
+from exporter.routing import Router
 from exporter.store import Store
 
 log = logging.getLogger(__name__)
