@@ -11,7 +11,7 @@ Scenarios
 
 Each run is one complete ``FailoverManager.failover()``: journal writes (fsync'd, WAL +
 synchronous=FULL) included. Masters are separate processes (``exporter.sim.master``) with
-the request size limit raised so a 10 MB import is accepted. Target (issue 3): selection +
+the request size limit raised so a 10 MB import is accepted. Target: selection +
 transfer + activation under 200 ms at 1,000 masters on loopback.
 """
 
