@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -31,7 +30,7 @@ from tests.support import (
     master_entry,
     wait_for,
     wait_ready,
-    write_config,  # also the legacy tests.processes.write_config
+    write_config,
 )
 
 #: `ha-exporter master` prints this one line on stdout once it listens.
@@ -128,12 +127,6 @@ class Proc:
             match = await self.wait_output(self.pattern, timeout, "the listening line")
             self.url = match.group(1)
         return self.url
-
-    def listening_blocking(self, timeout: float = START_TIMEOUT) -> str:
-        """listening() for synchronous callers (the legacy helpers below): blocks the calling
-        thread, and so its event loop, until the line is there."""
-        with ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, self.listening(timeout)).result()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.popen.poll() is None:
@@ -275,7 +268,7 @@ class Stack:
     ``stop()`` ends everything started, whatever happened.
     """
 
-    #: class-level defaults: set by start() (or by a legacy subclass's own __init__)
+    #: class-level defaults until start() sets them
     exporter: Proc | None = None
     base: str = ""
 
@@ -369,31 +362,3 @@ class Stack:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-# --- legacy: synchronous helpers with caller-chosen ports ----------------------------------
-# Still used by tests/web/test_failover.py and tests/web/test_routing.py. New code: Stack
-# (restart_master, restart_exporter), spawn_master, spawn_exporter, the `processes` fixture.
-
-
-def start_master(
-    tmp: Path,
-    name: str,
-    port: int,
-    region: str = "uae",
-    role: str = "active",
-    drain_rate: float = 50.0,
-) -> Proc:
-    """Legacy: `ha-exporter master` on ``port`` (0 is fine), not waited for."""
-    return master_proc(tmp, name, region, role, drain_rate=drain_rate, port=port)
-
-
-def start_exporter(tmp: Path, config: Path, *extra: str) -> tuple[Proc, str]:
-    """Legacy: `ha-exporter run` and its real base URL, read from its output (this blocks the
-    event loop until it listens)."""
-    proc = exporter_proc(tmp, config, *extra)
-    try:
-        return proc, proc.listening_blocking()
-    except BaseException:
-        proc.stop()
-        raise

@@ -6,17 +6,19 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 
 from exporter.config import Config, load_config, load_config_text
 from exporter.rules import RUNBOOK_URL, render, render_texts
-from tests.support import free_port
+from tests.monitoring import _bound_address, _wait_up
+from tests.processes import Processes
+from tests.support import wait_for
 from tests.tools import ROOT, RULES_DIR, metric_names, require_binary, unknown_metrics
 
 EXAMPLE = ROOT / "examples" / "ha-exporter.yml"
@@ -271,58 +273,44 @@ def _http_json(url: str, body: object = None) -> object:
     return json.loads(raw) if raw else None
 
 
-def test_critical_inhibits_warning_for_the_same_master_on_a_real_alertmanager(
-        tmp_path: Path) -> None:
+async def test_critical_inhibits_warning_for_the_same_master_on_a_real_alertmanager(
+        tmp_path: Path, processes: Processes, http: aiohttp.ClientSession) -> None:
     binary = require_binary("alertmanager", "prometheus-alertmanager")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [binary, f"--config.file={ALERTMANAGER_YML}", f"--storage.path={tmp_path}",
-         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/-/ready", timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                assert time.monotonic() < deadline, "alertmanager did not become ready"
-                time.sleep(0.1)
-        now = datetime.now(UTC).isoformat()
-        sent = [
-            {"alertname": "HAMasterDown", "severity": "critical", "master": "master-a"},
-            {"alertname": "HAMasterDegraded", "severity": "warning", "master": "master-a"},
-            {"alertname": "HAMasterDegraded", "severity": "warning", "master": "master-b"},
-            {"alertname": "HAMasterErrorBudgetBurn", "severity": "critical", "master": "master-a",
-             "long": "1h", "short": "5m"},
-            {"alertname": "HAExporterDown", "severity": "critical", "instance": "x:9108"},
-            {"alertname": "HANoHealthyBackup", "severity": "warning", "instance": "x:9108"},
-        ]
-        _http_json(f"{base}/api/v2/alerts", [{"labels": s, "startsAt": now} for s in sent])
-        deadline = time.monotonic() + 10
-        while True:
-            got = _http_json(f"{base}/api/v2/alerts")
-            assert isinstance(got, list)
-            if len(got) == len(sent):
-                break
-            assert time.monotonic() < deadline, f"alertmanager holds {len(got)} alerts"
-            time.sleep(0.1)
-        state = {(a["labels"]["alertname"], a["labels"].get("master")): a["status"]["state"]
-                 for a in got}
-        assert state == {
-            ("HAMasterDown", "master-a"): "active",
-            ("HAMasterDegraded", "master-a"): "suppressed",  # critical on the same master
-            ("HAMasterDegraded", "master-b"): "active",  # another master: not inhibited
-            ("HAMasterErrorBudgetBurn", "master-a"): "suppressed",  # the down page says it
-            ("HAExporterDown", None): "active",
-            ("HANoHealthyBackup", None): "active",  # no master label: nothing to match
-        }
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    # as tests.monitoring starts it: port 0, the bound address read back from its log
+    alertmanager = processes.start(
+        [binary, f"--config.file={ALERTMANAGER_YML}", f"--storage.path={tmp_path / 'am-data'}",
+         "--web.listen-address=127.0.0.1:0", "--cluster.listen-address="],
+        "alertmanager")
+    address = await _bound_address(alertmanager)
+    assert not address.endswith(":0"), "this Alertmanager does not say its port"
+    base = f"http://{address}"
+    await _wait_up(http, alertmanager, f"{base}/-/ready", timeout=20)
+    now = datetime.now(UTC).isoformat()
+    sent = [
+        {"alertname": "HAMasterDown", "severity": "critical", "master": "master-a"},
+        {"alertname": "HAMasterDegraded", "severity": "warning", "master": "master-a"},
+        {"alertname": "HAMasterDegraded", "severity": "warning", "master": "master-b"},
+        {"alertname": "HAMasterErrorBudgetBurn", "severity": "critical", "master": "master-a",
+         "long": "1h", "short": "5m"},
+        {"alertname": "HAExporterDown", "severity": "critical", "instance": "x:9108"},
+        {"alertname": "HANoHealthyBackup", "severity": "warning", "instance": "x:9108"},
+    ]
+    _http_json(f"{base}/api/v2/alerts", [{"labels": s, "startsAt": now} for s in sent])
+
+    def holds_every_alert() -> list | None:
+        got = _http_json(f"{base}/api/v2/alerts")
+        assert isinstance(got, list)
+        return got if len(got) == len(sent) else None
+
+    got = await wait_for(holds_every_alert, 10, f"alertmanager to hold all {len(sent)} alerts",
+                         poll=0.1)
+    state = {(a["labels"]["alertname"], a["labels"].get("master")): a["status"]["state"]
+             for a in got}
+    assert state == {
+        ("HAMasterDown", "master-a"): "active",
+        ("HAMasterDegraded", "master-a"): "suppressed",  # critical on the same master
+        ("HAMasterDegraded", "master-b"): "active",  # another master: not inhibited
+        ("HAMasterErrorBudgetBurn", "master-a"): "suppressed",  # the down page says it
+        ("HAExporterDown", None): "active",
+        ("HANoHealthyBackup", None): "active",  # no master label: nothing to match
+    }

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -31,7 +29,8 @@ from exporter.fleet import Fleet, State, Transition
 from exporter.sim import SimulatedMaster, create_app, snapshot_checksum
 from exporter.store.sqlite import Store
 from tests.failover.driving import drive
-from tests.support import free_port, wait_for
+from tests.processes import Proc, Processes
+from tests.support import wait_for
 
 # name, region, role, priority
 FLEET = (("a", "uae", "active", 1), ("b", "usa", "active", 2),
@@ -607,46 +606,16 @@ async def test_recovery_does_not_roll_forward_past_a_live_active_master(tmp_path
 
 # --- real processes ------------------------------------------------------------------------
 
-def spawn_master(name: str, port: int, region: str, role: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "exporter.cli", "master", "--name", name, "--port", str(port),
-         "--region", region, "--role", role],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=os.environ.copy())
+async def start_process_fleet(processes: Processes, specs=FLEET) -> dict[str, Proc]:
+    """`ha-exporter master` processes by name, started together on port 0 (``url`` set)."""
+    started = await asyncio.gather(*(processes.master(name, region, role)
+                                      for name, region, role, _ in specs))
+    return dict(zip((name for name, *_ in specs), started, strict=True))
 
 
-async def wait_up(session: aiohttp.ClientSession, url: str) -> None:
-    async def up() -> bool:
-        async with session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=1)) as r:
-            return r.status == 200
-    await wait_for(up, 15, f"{url} up")
-
-
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=10)
-        if p.stdout:
-            p.stdout.close()
-
-
-async def start_process_fleet(procs, specs=FLEET) -> dict[str, str]:
-    urls = {}
-    for name, region, role, _ in specs:
-        port = free_port()
-        procs.append(spawn_master(name, port, region, role))
-        urls[name] = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as s:
-        for url in urls.values():
-            await wait_up(s, url)
-    return urls
-
-
-async def test_sigkilled_master_process_state_moves_to_standby_process(tmp_path, procs):
-    urls = await start_process_fleet(procs)
+async def test_sigkilled_master_process_state_moves_to_standby_process(tmp_path, processes):
+    masters = await start_process_fleet(processes)
+    urls = {name: await proc.listening() for name, proc in masters.items()}
     cfg = make_config(urls, str(tmp_path / "s.db"))
     store = Store(cfg.state_path)
     fleet = Fleet(cfg.masters, cfg.probe, 5)
@@ -659,8 +628,8 @@ async def test_sigkilled_master_process_state_moves_to_standby_process(tmp_path,
         assert (await mgr.checkpoint_round())["a"]
         _, _, raw = store.checkpoint("a")
         checkpointed = json.loads(raw)
-        procs[0].send_signal(signal.SIGKILL)
-        procs[0].wait(timeout=10)
+        masters["a"].kill(signal.SIGKILL)
+        await asyncio.to_thread(masters["a"].wait, 10)
         failed = drive(fleet.get("a"), State.FAILED, "timeout")
         t0 = time.monotonic()
         await mgr.on_transition(failed)
@@ -712,20 +681,21 @@ CRASHING_MANAGER = textwrap.dedent("""
 """)
 
 
-async def test_exporter_sigkilled_between_import_and_activate_recovers_once(tmp_path, procs):
-    urls = await start_process_fleet(procs)
+async def test_exporter_sigkilled_between_import_and_activate_recovers_once(tmp_path, processes):
+    masters = await start_process_fleet(processes)
+    urls = {name: await proc.listening() for name, proc in masters.items()}
     cfg = make_config(urls, str(tmp_path / "s.db"))
     raw_cfg = {"state_path": cfg.state_path,
                "masters": [m.model_dump() for m in cfg.masters],
                "failover": {"step_timeout": "2s"}}
     # the master a is dead before the exporter acts; its checkpoint is what moves
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CRASHING_MANAGER, json.dumps(raw_cfg), env=os.environ.copy())
+    proc = processes.start([sys.executable, "-c", CRASHING_MANAGER, json.dumps(raw_cfg)],
+                           "crashing-manager")
     # let it checkpoint first: kill a once the checkpoint is stored
     store = Store(cfg.state_path)
     await wait_for(lambda: store.checkpoint("a") is not None, 15, "checkpoint of a")
-    procs[0].send_signal(signal.SIGKILL)
-    rc = await asyncio.wait_for(proc.wait(), 30)
+    masters["a"].kill(signal.SIGKILL)
+    rc = await asyncio.to_thread(proc.wait, 30)
     assert rc == -signal.SIGKILL
     [open_row] = store.unfinished_failovers()
     steps = [(e["step"], e["backup"]) for e in store.journal_entries(open_row["id"])]

@@ -9,15 +9,15 @@ import time
 import aiohttp
 import pytest
 
-from tests.processes import TOKEN, Stack, start_exporter, start_master, write_config
-from tests.support import free_port, get_json, metric_value, wait_for, wait_ready
+from tests.processes import StartStack
+from tests.support import TOKEN, TOKEN_ENV, get_json, metric_value, wait_for
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 INTERVAL, TIMEOUT, THRESHOLD = 0.5, 0.3, 3
 
 
 @pytest.fixture
-async def fleet(tmp_path):
+async def fleet(stack: StartStack, http: aiohttp.ClientSession):
     """master-a active (uae), master-b active (usa), master-c standby (uae), master-d standby
     (usa, priority 4): the same-region standby with the better priority must win."""
     specs = [
@@ -26,36 +26,14 @@ async def fleet(tmp_path):
         ("master-c", "uae", "standby", 3),
         ("master-d", "usa", "standby", 4),
     ]
-    ports = {name: free_port() for name, *_ in specs}
-    masters = {
-        name: start_master(tmp_path, name, ports[name], region, role, drain_rate=0.0)
-        for name, region, role, _ in specs
-    }
-    config = write_config(
-        tmp_path,
-        [
-            {
-                "name": n,
-                "url": f"http://127.0.0.1:{ports[n]}",
-                "region": r,
-                "role": role,
-                "priority": p,
-            }
-            for n, r, role, p in specs
-        ],
+    started = await stack(
+        specs,
+        drain={name: 0.0 for name, *_ in specs},
         failover={"enabled": True, "cooldown": "30s", "checkpoint_interval": "300ms"},
-        api={"token_env": "HA_TEST_TOKEN", "max_body_bytes": 2048},
+        api={"token_env": TOKEN_ENV, "max_body_bytes": 2048},
     )
-    exporter, base = start_exporter(tmp_path, config)
-    urls = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
-    try:
-        async with aiohttp.ClientSession() as http:
-            await wait_ready(http, base)
-            yield masters, urls, exporter, base, http
-    finally:
-        exporter.stop()
-        for m in masters.values():
-            m.stop()
+    await started.ready(http)
+    return started.masters, started.urls, started.exporter, started.base, http
 
 
 async def test_sigkilled_active_master_moves_to_best_standby_with_its_state(fleet):
@@ -179,56 +157,48 @@ async def test_switchover_maintenance_reset_and_pause(fleet):
     assert {"pause", "resume", "maintenance_on", "maintenance_off", "reset"} <= actions
 
 
-async def test_restarted_exporter_fences_a_master_that_returns_active(tmp_path):
+async def test_restarted_exporter_fences_a_master_that_returns_active(
+    stack: StartStack, http: aiohttp.ClientSession
+):
     """Split brain after a restart: the failed master comes back believing it is active
     while the exporter is down. The restarted exporter sees no health transition and has no
     undo queued, yet must fence it; the backup keeps the duty."""
-    stack = Stack(
-        tmp_path,
+    fleet = await stack(
         [("master-a", "uae", "active", 1), ("master-c", "uae", "standby", 3)],
         probe={"interval": "300ms", "timeout": "200ms", "failure_threshold": 2},
         failover={"enabled": True, "cooldown": "30s", "checkpoint_interval": "300ms"},
     )
+    await fleet.ready(http)
 
-    def restart_a() -> None:
-        stack.masters["master-a"].stop()
-        stack.masters["master-a"] = start_master(
-            tmp_path, "master-a", stack.ports["master-a"], "uae", "active"
-        )
+    async def c_holds_a() -> bool:
+        h = await get_json(http, f"{fleet.urls['master-c']}/health")
+        return h["active"] and "master-a" in h["duties"]
 
-    try:
-        async with aiohttp.ClientSession() as http:
-            await stack.ready(http)
+    async def a_active() -> bool | None:
+        try:
+            return (await get_json(http, f"{fleet.urls['master-a']}/health"))["active"]
+        except aiohttp.ClientError:
+            return None
 
-            async def c_holds_a() -> bool:
-                h = await get_json(http, f"{stack.urls['master-c']}/health")
-                return h["active"] and "master-a" in h["duties"]
+    fleet.masters["master-a"].kill(signal.SIGKILL)
+    await wait_for(c_holds_a, 10, "master-c to take over master-a")
+    # back (on its old port) while the exporter runs: fenced, the queued undo spent
+    await fleet.restart_master("master-a")
+    await wait_for(lambda: _is(a_active, False), 10, "master-a fenced on return")
 
-            async def a_active() -> bool | None:
-                try:
-                    return (await get_json(http, f"{stack.urls['master-a']}/health"))["active"]
-                except aiohttp.ClientError:
-                    return None
-
-            stack.masters["master-a"].kill(signal.SIGKILL)
-            await wait_for(c_holds_a, 10, "master-c to take over master-a")
-            restart_a()  # back while the exporter runs: fenced, the queued undo spent
-            await wait_for(lambda: _is(a_active, False), 10, "master-a fenced on return")
-
-            stack.exporter.kill(signal.SIGTERM)
-            assert await asyncio.to_thread(stack.exporter.wait, 10) == 0
-            restart_a()  # back again, active by its own config, while nobody watches
-            await wait_for(lambda: _is(a_active, True), 10, "master-a claiming active")
-            restarted = time.time()
-            stack.exporter, _ = start_exporter(tmp_path, stack.config)
-            await stack.ready(http)
-            await wait_for(lambda: _is(a_active, False), 10, "the restarted exporter to fence")
-            assert await c_holds_a()
-            audit = await get_json(http, f"{stack.base}/api/v1/audit?master=master-a")
-            assert any(e["action"] == "fence_returning" and e["ts"] > restarted
-                       for e in audit["items"]), audit["items"][:5]
-    finally:
-        stack.stop()
+    fleet.exporter.kill(signal.SIGTERM)
+    assert await asyncio.to_thread(fleet.exporter.wait, 10) == 0
+    # back again, active by its own config, while nobody watches
+    await fleet.restart_master("master-a")
+    await wait_for(lambda: _is(a_active, True), 10, "master-a claiming active")
+    restarted = time.time()
+    await fleet.restart_exporter()  # same config and state
+    await fleet.ready(http)
+    await wait_for(lambda: _is(a_active, False), 10, "the restarted exporter to fence")
+    assert await c_holds_a()
+    audit = await get_json(http, f"{fleet.base}/api/v1/audit?master=master-a")
+    assert any(e["action"] == "fence_returning" and e["ts"] > restarted
+               for e in audit["items"]), audit["items"][:5]
 
 
 async def _is(check, expected: object) -> bool:

@@ -11,16 +11,15 @@ import asyncio
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
-from pathlib import Path
+from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
 import pytest
 
 from exporter.client import Client, ClientError, DeliveryFailed, RequestRejected, RouteUnavailable
-from tests.processes import TOKEN, Stack, start_exporter, start_master, write_config
-from tests.support import free_port, get_json, metric_value, wait_for
+from tests.processes import Stack, StartStack
+from tests.support import TOKEN, TOKEN_ENV, get_json, metric_value, wait_for
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FAST_PROBES = {
@@ -31,38 +30,6 @@ FAST_PROBES = {
     "jitter": "10%",
 }
 INTERVAL, JITTER = 0.3, 0.1
-
-
-class DrainStack(Stack):
-    """A Stack whose masters each get their own drain rate (Stack gives all of them 50/s).
-
-    The zero-loss test needs master-a never to drain: then its pending list, and so every
-    checkpoint of it, holds every message it ever accepted, which makes "acknowledged by
-    master-a but not in the transferred checkpoint" an exact count instead of an estimate."""
-
-    def __init__(
-        self,
-        tmp: Path,
-        specs: list[tuple[str, str, str, int]],
-        drain: dict[str, float],
-        **sections: Any,
-    ) -> None:
-        self.tmp, self.specs, self.sections = tmp, specs, sections
-        self.ports = {name: free_port() for name, *_ in specs}
-        self.urls = {n: f"http://127.0.0.1:{p}" for n, p in self.ports.items()}
-        self.masters = {
-            n: start_master(tmp, n, self.ports[n], region, role, drain_rate=drain.get(n, 50.0))
-            for n, region, role, _ in specs
-        }
-        self.config = write_config(
-            tmp,
-            [
-                {"name": n, "url": self.urls[n], "region": r, "role": role, "priority": p}
-                for n, r, role, p in specs
-            ],
-            **sections,
-        )
-        self.exporter, self.base = start_exporter(tmp, self.config)
 
 
 class RecordingClient(Client):
@@ -91,7 +58,9 @@ async def _chaos(http: aiohttp.ClientSession, url: str, **body: Any) -> None:
 TOTAL, KILL_AFTER, IN_FLIGHT, RATE = 5000, 1000, 32, 1000.0  # RATE: messages/s, pacing only
 
 
-async def test_zero_loss_across_a_real_failover(tmp_path: Path) -> None:
+async def test_zero_loss_across_a_real_failover(
+    stack: StartStack, http: aiohttp.ClientSession
+) -> None:
     """5,000 messages through exporter.client while the active master-a is SIGKILLed.
 
     "Delivered" means a master answered 2xx to POST /messages (the client returned success).
@@ -100,8 +69,7 @@ async def test_zero_loss_across_a_real_failover(tmp_path: Path) -> None:
     and master-c says it is active with master-a's duty; no routing decision requested after
     the failover started named master-a. Reported, not asserted: duplicates, and how many of
     master-a's acknowledged ids the transferred checkpoint does not hold (see the summary)."""
-    stack = DrainStack(
-        tmp_path,
+    fleet = await stack(
         [
             ("master-a", "uae", "active", 1),
             ("master-b", "usa", "active", 2),
@@ -123,81 +91,77 @@ async def test_zero_loss_across_a_real_failover(tmp_path: Path) -> None:
     attempts: Counter[int] = Counter()
     failures: dict[str, str] = {}
     killed_at: float | None = None  # wall clock, comparable with the exporter's records
-    try:
-        async with aiohttp.ClientSession() as http:
-            await stack.ready(http)
+    await fleet.ready(http)
 
-            async def success_record() -> dict | None:
-                items = (await get_json(http, f"{stack.base}/api/v1/failovers"))["items"]
-                return next(
-                    (i for i in items if i["master"] == "master-a" and i["result"] == "success"),
-                    None,
-                )
+    async def success_record() -> dict | None:
+        items = (await get_json(http, f"{fleet.base}/api/v1/failovers"))["items"]
+        return next(
+            (i for i in items if i["master"] == "master-a" and i["result"] == "success"),
+            None,
+        )
 
-            async def watch() -> tuple[float, dict]:
-                """When the success record first became visible, from the test's side."""
-                record = await wait_for(success_record, 60, "the failover of master-a", 0.05)
-                return time.time(), record
+    async def watch() -> tuple[float, dict]:
+        """When the success record first became visible, from the test's side."""
+        record = await wait_for(success_record, 60, "the failover of master-a", 0.05)
+        return time.time(), record
 
-            sem = asyncio.Semaphore(IN_FLIGHT)
-            client = RecordingClient(
-                stack.base, token=TOKEN, attempts=8, timeout=2.0, backoff=0.05, max_backoff=0.3
-            )
-            async with client:
+    sem = asyncio.Semaphore(IN_FLIGHT)
+    client = RecordingClient(
+        fleet.base, token=TOKEN, attempts=8, timeout=2.0, backoff=0.05, max_backoff=0.3
+    )
+    async with client:
 
-                async def send(i: int, t0: float) -> None:
-                    nonlocal killed_at
-                    mid = f"msg-{i:05d}"
-                    pace = t0 + i / RATE - time.monotonic()
-                    if pace > 0:
-                        await asyncio.sleep(pace)
-                    async with sem:
-                        try:
-                            res = await client.send({"id": mid, "chat": f"c{i % 97}"})
-                        except ClientError as exc:
-                            failures[mid] = str(exc)
-                            return
-                    acked[mid] = res["master"]
-                    attempts[res["attempts"]] += 1
-                    if len(acked) >= KILL_AFTER and killed_at is None:
-                        stack.masters["master-a"].kill(signal.SIGKILL)
-                        killed_at = time.time()
-
-                watcher = asyncio.create_task(watch())
+        async def send(i: int, t0: float) -> None:
+            nonlocal killed_at
+            mid = f"msg-{i:05d}"
+            pace = t0 + i / RATE - time.monotonic()
+            if pace > 0:
+                await asyncio.sleep(pace)
+            async with sem:
                 try:
-                    t0 = time.monotonic()
-                    producer = asyncio.gather(*(send(i, t0) for i in range(TOTAL)))
-                    await asyncio.wait_for(producer, 60)
-                    elapsed, ended = time.monotonic() - t0, time.time()
-                    appeared, record = await watcher
-                finally:
-                    watcher.cancel()
+                    res = await client.send({"id": mid, "chat": f"c{i % 97}"})
+                except ClientError as exc:
+                    failures[mid] = str(exc)
+                    return
+            acked[mid] = res["master"]
+            attempts[res["attempts"]] += 1
+            if len(acked) >= KILL_AFTER and killed_at is None:
+                fleet.masters["master-a"].kill(signal.SIGKILL)
+                killed_at = time.time()
 
-            assert killed_at is not None
-            assert record["backup"] == "master-c", record
-            assert record["finished"] < ended, "the failover ended after the producer did"
-            full = await get_json(http, f"{stack.base}/api/v1/failovers/{record['id']}")
-            fetch = next(s for s in full["steps"] if s["step"] == "fetch")
-            # master-a is dead, so its state can only have come from the last checkpoint
-            assert fetch["detail"]["source"] == "checkpoint", fetch
-            c_health = await get_json(http, f"{stack.urls['master-c']}/health")
-            assert c_health["active"] is True and "master-a" in c_health["duties"], c_health
+        watcher = asyncio.create_task(watch())
+        try:
+            t0 = time.monotonic()
+            producer = asyncio.gather(*(send(i, t0) for i in range(TOTAL)))
+            await asyncio.wait_for(producer, 60)
+            elapsed, ended = time.monotonic() - t0, time.time()
+            appeared, record = await watcher
+        finally:
+            watcher.cancel()
 
-            routed_after = [m for sent, m in client.decisions if sent > record["started"]]
-            assert routed_after, "no message was routed after the failover started"
-            assert "master-a" not in routed_after, Counter(routed_after)
-            for _ in range(100):  # and not later either, once the producer has stopped
-                route = await get_json(http, f"{stack.base}/api/v1/route")
-                assert route["master"] in ("master-b", "master-c"), route
+    assert killed_at is not None
+    assert record["backup"] == "master-c", record
+    assert record["finished"] < ended, "the failover ended after the producer did"
+    full = await get_json(http, f"{fleet.base}/api/v1/failovers/{record['id']}")
+    fetch = next(s for s in full["steps"] if s["step"] == "fetch")
+    # master-a is dead, so its state can only have come from the last checkpoint
+    assert fetch["detail"]["source"] == "checkpoint", fetch
+    c_health = await get_json(http, f"{fleet.urls['master-c']}/health")
+    assert c_health["active"] is True and "master-a" in c_health["duties"], c_health
 
-            holders: dict[str, set[str]] = {}
-            for name in ("master-b", "master-c"):
-                for mid in (await get_json(http, f"{stack.urls[name]}/messages"))["ids"]:
-                    holders.setdefault(mid, set()).add(name)
-            imported = (await get_json(http, f"{stack.urls['master-c']}/state"))["imported"]
-            checkpoint = {m["id"] for m in imported["master-a"]["pending_messages"]}
-    finally:
-        stack.stop()
+    routed_after = [m for sent, m in client.decisions if sent > record["started"]]
+    assert routed_after, "no message was routed after the failover started"
+    assert "master-a" not in routed_after, Counter(routed_after)
+    for _ in range(100):  # and not later either, once the producer has stopped
+        route = await get_json(http, f"{fleet.base}/api/v1/route")
+        assert route["master"] in ("master-b", "master-c"), route
+
+    holders: dict[str, set[str]] = {}
+    for name in ("master-b", "master-c"):
+        for mid in (await get_json(http, f"{fleet.urls[name]}/messages"))["ids"]:
+            holders.setdefault(mid, set()).add(name)
+    imported = (await get_json(http, f"{fleet.urls['master-c']}/state"))["imported"]
+    checkpoint = {m["id"] for m in imported["master-a"]["pending_messages"]}
 
     on_a = {mid for mid, m in acked.items() if m == "master-a"}
     for mid in on_a | checkpoint:  # what master-a is known to have accepted
@@ -233,14 +197,15 @@ async def test_zero_loss_across_a_real_failover(tmp_path: Path) -> None:
 # ---- 2. rebalancing -------------------------------------------------------------------------
 
 
-async def test_rebalancing_shifts_weight_away_and_restores_it(tmp_path: Path) -> None:
+async def test_rebalancing_shifts_weight_away_and_restores_it(
+    stack: StartStack, http: aiohttp.ClientSession
+) -> None:
     """A 2,000-message backlog on master-a shifts its routing weight away within ``for`` plus
     one evaluation (plus probe slack); clearing it restores the weight. 2,000 is above the
     simulated master's degraded mark (1,000), so the health machine also halves the weight:
     the shift is attributed to rebalancing by the rebalance factor and the counters."""
     for_, degraded_weight = 1.0, 0.5
-    stack = Stack(
-        tmp_path,
+    fleet = await stack(
         [
             ("master-a", "uae", "active", 1),
             ("master-b", "uae", "active", 1),
@@ -258,58 +223,52 @@ async def test_rebalancing_shifts_weight_away_and_restores_it(tmp_path: Path) ->
     weight = 'ha_master_routing_weight{master="master-a"}'
     imbalance = 'ha_rebalances_total{reason="imbalance"}'
     restored = 'ha_rebalances_total{reason="restored"}'
-    try:
-        async with aiohttp.ClientSession() as http:
-            await stack.ready(http)
+    await fleet.ready(http)
 
-            async def weight_of_a() -> float | None:
-                return await metric_value(http, stack.base, weight)
+    async def weight_of_a() -> float | None:
+        return await metric_value(http, fleet.base, weight)
 
-            # slow start may still be ramping right after readiness
-            await wait_for(lambda: _eq(weight_of_a(), 1.0), 5, "master-a at its base weight")
-            base_imbalance = await metric_value(http, stack.base, imbalance) or 0.0
-            base_restored = await metric_value(http, stack.base, restored) or 0.0
+    # slow start may still be ramping right after readiness
+    await wait_for(lambda: _eq(weight_of_a(), 1.0), 5, "master-a at its base weight")
+    base_imbalance = await metric_value(http, fleet.base, imbalance) or 0.0
+    base_restored = await metric_value(http, fleet.base, restored) or 0.0
 
-            await _chaos(http, stack.urls["master-a"], mode="ok", queue_length=2000)
-            t0 = time.monotonic()
+    await _chaos(http, fleet.urls["master-a"], mode="ok", queue_length=2000)
+    t0 = time.monotonic()
 
-            async def shifted() -> bool:
-                return (await metric_value(http, stack.base, imbalance) or 0.0) > base_imbalance
+    async def shifted() -> bool:
+        return (await metric_value(http, fleet.base, imbalance) or 0.0) > base_imbalance
 
-            # the probe must see the backlog (one interval + jitter), the next evaluation starts
-            # the clock, ``for`` passes, the evaluation after it shifts; plus scrape slack
-            bound = INTERVAL * (1 + JITTER) + INTERVAL + for_ + INTERVAL + 0.4
-            await wait_for(shifted, bound, "an imbalance rebalance of master-a", poll=0.05)
-            took = time.monotonic() - t0
-            info = (await get_json(http, f"{stack.base}/api/v1/balancing"))["masters"]
-            assert info["master-a"]["rebalance_factor"] < 1.0, info["master-a"]
-            assert info["master-b"]["rebalance_factor"] == 1.0, info["master-b"]
-            a_weight = await weight_of_a()
-            assert a_weight is not None and a_weight < 1.0
-            # below what degradation alone would leave: the rebalancer took weight away
-            await wait_for(
-                lambda: _lt(weight_of_a(), degraded_weight), 2, "a weight below degraded"
-            )
-            routed = Counter(
-                [(await get_json(http, f"{stack.base}/api/v1/route"))["master"] for _ in range(60)]
-            )
-            # weight <= 0.375 against 1 + 1: at most 16% of smooth round robin's picks, 10 of 60
-            assert routed["master-a"] <= 12, routed
+    # the probe must see the backlog (one interval + jitter), the next evaluation starts
+    # the clock, ``for`` passes, the evaluation after it shifts; plus scrape slack
+    bound = INTERVAL * (1 + JITTER) + INTERVAL + for_ + INTERVAL + 0.4
+    await wait_for(shifted, bound, "an imbalance rebalance of master-a", poll=0.05)
+    took = time.monotonic() - t0
+    info = (await get_json(http, f"{fleet.base}/api/v1/balancing"))["masters"]
+    assert info["master-a"]["rebalance_factor"] < 1.0, info["master-a"]
+    assert info["master-b"]["rebalance_factor"] == 1.0, info["master-b"]
+    a_weight = await weight_of_a()
+    assert a_weight is not None and a_weight < 1.0
+    # below what degradation alone would leave: the rebalancer took weight away
+    await wait_for(lambda: _lt(weight_of_a(), degraded_weight), 2, "a weight below degraded")
+    routed = Counter(
+        [(await get_json(http, f"{fleet.base}/api/v1/route"))["master"] for _ in range(60)]
+    )
+    # weight <= 0.375 against 1 + 1: at most 16% of smooth round robin's picks, 10 of 60
+    assert routed["master-a"] <= 12, routed
 
-            await _chaos(http, stack.urls["master-a"], mode="ok", queue_length=0)
-            t1 = time.monotonic()
-            await wait_for(lambda: _eq(weight_of_a(), 1.0), 10, "master-a's weight restored")
-            back = time.monotonic() - t1
-            assert (await metric_value(http, stack.base, restored) or 0.0) > base_restored
-            audit = await get_json(http, f"{stack.base}/api/v1/audit?master=master-a&limit=100")
-            actions = Counter(e["action"] for e in audit["items"])
-            assert actions["rebalance_imbalance"] >= 1 and actions["rebalance_restored"] >= 1
-            print(
-                f"\nrebalance: shifted {took:.2f}s after the backlog (bound {bound:.2f}s), "
-                f"restored {back:.2f}s after it cleared; audit {dict(actions)}"
-            )
-    finally:
-        stack.stop()
+    await _chaos(http, fleet.urls["master-a"], mode="ok", queue_length=0)
+    t1 = time.monotonic()
+    await wait_for(lambda: _eq(weight_of_a(), 1.0), 10, "master-a's weight restored")
+    back = time.monotonic() - t1
+    assert (await metric_value(http, fleet.base, restored) or 0.0) > base_restored
+    audit = await get_json(http, f"{fleet.base}/api/v1/audit?master=master-a&limit=100")
+    actions = Counter(e["action"] for e in audit["items"])
+    assert actions["rebalance_imbalance"] >= 1 and actions["rebalance_restored"] >= 1
+    print(
+        f"\nrebalance: shifted {took:.2f}s after the backlog (bound {bound:.2f}s), "
+        f"restored {back:.2f}s after it cleared; audit {dict(actions)}"
+    )
 
 
 async def _eq(value: Awaitable[float | None], expected: float) -> bool:
@@ -328,21 +287,16 @@ Pair = tuple[Stack, aiohttp.ClientSession]
 
 
 @pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
-    stack = Stack(
-        tmp_path,
+async def pair(stack: StartStack, http: aiohttp.ClientSession) -> Pair:
+    fleet = await stack(
         [("master-a", "uae", "active", 1), ("master-b", "usa", "active", 2)],
         probe=FAST_PROBES,
         failover={"enabled": False},
         balancing={"strategy": "round_robin", "slow_start": "1s"},
-        api={"token_env": "HA_TEST_TOKEN", "max_body_bytes": 1024},
+        api={"token_env": TOKEN_ENV, "max_body_bytes": 1024},
     )
-    try:
-        async with aiohttp.ClientSession() as http:
-            await stack.ready(http)
-            yield stack, http
-    finally:
-        stack.stop()
+    await fleet.ready(http)
+    return fleet, http
 
 
 async def test_strategy_switch_applies_at_once_and_survives_a_restart(pair: Pair) -> None:
@@ -364,8 +318,7 @@ async def test_strategy_switch_applies_at_once_and_survives_a_restart(pair: Pair
     old = stack.exporter
     old.kill(signal.SIGTERM)
     assert await asyncio.to_thread(old.wait, 10) == 0, old.output()[-2000:]
-    old.stop()  # already exited: closes its log
-    stack.exporter, _ = start_exporter(stack.tmp, stack.config)
+    await stack.restart_exporter()  # same config and state_path; closes the old one's log
     await stack.ready(http)
     route = await get_json(http, f"{stack.base}/api/v1/route?region=uae")
     assert route == {"master": "master-a", "url": stack.urls["master-a"], "strategy": "geo"}
