@@ -17,7 +17,7 @@ from exporter.client import Client, DeliveryFailed, RequestRejected, RouteUnavai
 from exporter.config import BalancingConfig, MasterConfig
 from exporter.fleet import State
 from exporter.routing.router import NoRoute, Router
-from tests.support import free_port, serve_app
+from tests.support import closed_port, serve_app
 
 
 @dataclass
@@ -165,7 +165,7 @@ async def test_bad_region_is_rejected_at_once() -> None:
 
 
 async def test_unreachable_exporter() -> None:
-    base = f"http://127.0.0.1:{free_port()}"
+    base = f"http://127.0.0.1:{closed_port()}"
     async with Client(base, attempts=2, backoff=0.01, timeout=1.0) as client:
         with pytest.raises(RouteUnavailable, match="exporter unreachable"):
             await client.route()
