@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import subprocess
 
 import aiohttp
+import pytest
 from aiohttp import web
+from prometheus_client.openmetrics import parser as om_parser
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.config import parse_config
-from exporter.metrics import OM_CONTENT_TYPE, escape, fmt
+from exporter.config import MasterConfig, ProbeConfig, parse_config
+from exporter.fleet import Fleet, Outcome, Result
+from exporter.metrics import (
+    OM_CONTENT_TYPE,
+    ExporterMetrics,
+    FleetCollector,
+    escape,
+    fmt,
+    sample_value,
+)
+from exporter.routing.router import Router
 from exporter.service import Service
 from exporter.web.server import running
 from tests.support import serve_app, wait_for
@@ -149,3 +162,118 @@ def test_escaping_and_number_format():
     assert escape('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
     assert fmt(3) == "3" and fmt(0.25) == "0.25"
     assert fmt(float("inf")) == "+Inf" and fmt(float("nan")) == "NaN"
+
+
+def test_huge_and_odd_numbers_are_written_validly():
+    assert fmt(10**20) == "1e+20" and fmt(-(10**400)) == "-Inf"
+    assert sample_value(2**53) == str(2**53) and sample_value(0.5) == "0.5"
+    assert sample_value(float("nan")) == "NaN"
+    for bad in (10**400, float("inf"), "12", None):
+        with pytest.raises(ValueError):
+            sample_value(bad)
+
+
+class _BrokenCollector:
+    def collect(self):
+        raise RuntimeError("collector bug")
+
+
+def broken_metrics() -> ExporterMetrics:
+    """Every kind of failure a scrape can meet, at once."""
+    fleet = Fleet(
+        [MasterConfig(name=n, url="http://127.0.0.1:9") for n in ("fine", "odd", "broken")],
+        ProbeConfig(),
+        5,
+    )
+    _, odd, broken = fleet
+    for rt in fleet:
+        payload = {"status": "ok", "queue_length": 4, "cpu_percent": 10.0}
+        rt.apply(Outcome(Result.SUCCESS, 0.01, payload=payload), 1000.0)
+    odd.queue_length = 10**400  # only a bug could put these here; still no broken scrape
+    odd.cpu_percent = float("inf")
+    odd.memory_percent = "lots"  # type: ignore[assignment]
+    broken.health = None  # type: ignore[assignment]  # every family reading it fails
+
+    def failing() -> float:
+        raise OverflowError("(34, 'Numerical result out of range')")
+
+    collector = FleetCollector(
+        fleet=lambda: fleet,
+        weights=failing,  # type: ignore[arg-type]
+        decisions=lambda: {("fine", "geo"): 3, ("odd", "geo"): float("inf")},
+        checkpoint_ages=lambda now: {"fine": 2.5},
+        recovery_timeout=lambda: 30.0,
+        role_of=lambda name: "active",
+    )
+    metrics = ExporterMetrics(collector)
+    metrics.fleet_health_score.set_function(failing)
+    metrics.load_distribution_quality.set_function(lambda: 10**400)
+    metrics.failover_in_progress.set_function(lambda: float("inf"))
+    metrics.failover_paused.set_function(lambda: 1)
+    metrics.add_collector(_BrokenCollector(), "broken")
+    return metrics
+
+
+def test_failing_callbacks_never_break_a_scrape(caplog):
+    metrics = broken_metrics()
+    for _ in range(3):  # three scrapes: each failure is logged once, not per scrape
+        body, _ = metrics.render(None)
+    text = body.decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
+    for name in (
+        "ha_fleet_health_score",
+        "ha_load_distribution_quality",
+        "ha_failover_in_progress",
+    ):
+        assert math.isnan(values[(name, ())]), name
+    assert values[("ha_failover_paused", ())] == 1
+    assert values[("ha_master_queue_length", (("master", "fine"),))] == 4
+    for name in ("ha_master_queue_length", "ha_master_cpu_percent", "ha_master_memory_percent"):
+        assert math.isnan(values[(name, (("master", "odd"),))]), name
+    assert not families["ha_master_routing_weight"].samples  # its input failed: dropped
+    assert values[("ha_master_checkpoint_age_seconds", (("master", "fine"),))] == 2.5
+    assert ("ha_master_consecutive_failures", (("master", "broken"),)) in values  # NaN
+    assert not any(
+        dict(lab).get("master") == "broken" and name == "ha_master_state" for name, lab in values
+    )
+    assert (
+        values[("ha_master_up", (("master", "broken"), ("region", "default"), ("role", "active")))]
+        == 1
+    )
+    decisions = {s.labels["master"]: s.value for s in families["ha_route_decisions"].samples}
+    assert decisions == {"fine": 3}  # a counter cannot be NaN: the bad sample is dropped
+    assert "process_cpu_seconds_total" in text or "python_info" in text
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    keys = [r.getMessage().split(":")[0] for r in errors]
+    assert len(keys) == len(set(keys)), keys  # once per failing metric, not per scrape
+    assert len(errors) >= 8
+
+    om_body, _ = metrics.render("application/openmetrics-text; version=1.0.0")
+    om_families = list(om_parser.text_string_to_metric_families(om_body.decode()))
+    assert {f.name for f in om_families} >= {"ha_fleet_health_score", "ha_master_up"}
+
+    promtool = require_binary("promtool")
+    res = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip() == "" and res.stderr.strip() == ""
+
+
+async def test_an_overflowing_gauge_callback_is_nan_not_a_500(tmp_path, monkeypatch):
+    """The path of the 1e200 queue: the balancing quality overflowed inside a gauge callback
+    and turned every scrape into a 500."""
+
+    def overflow(self) -> float:
+        raise OverflowError("(34, 'Numerical result out of range')")
+
+    monkeypatch.setattr(Router, "distribution_quality", overflow)
+    text, _ = await scrape_service(tmp_path)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert math.isnan(families["ha_load_distribution_quality"].samples[0].value)
+    assert families["ha_master_up"].samples

@@ -10,7 +10,6 @@ docs/benchmarks.md for the figures behind that choice.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -19,46 +18,52 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import aiohttp
+from aiohttp import hdrs
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from exporter.config import ProbeConfig
 from exporter.fleet import Fleet, MasterRuntime, Outcome, Result
+from exporter.logs import ThrottledLog
+from exporter.probing.health import InvalidHealth, decode
 
 log = logging.getLogger(__name__)
+_throttled = ThrottledLog(log)
 
-_STATUSES = {"ok": False, "degraded": True}  # status -> degraded?
-_NUMERIC_FIELDS = ("queue_length", "active_messages", "cpu_percent", "memory_percent")
+_READ_CHUNK = 16_384
+#: Sent with every probe: a compressed answer is refused rather than inflated (a small gzip
+#: body can inflate to gigabytes).
+_PROBE_HEADERS = {"Accept-Encoding": "identity"}
 
 
 def classify(status: int, body: bytes, latency: float, degraded_latency: float) -> Outcome:
-    """Turn an HTTP answer into an Outcome; pure so each rule is tested on its own."""
+    """Turn an HTTP answer into an Outcome; pure so each rule is tested on its own. Never
+    raises: whatever a master sends is one of the six results."""
     if not 200 <= status < 300:
         return Outcome(Result.HTTP_ERROR, latency, detail=f"HTTP {status}")
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return Outcome(Result.INVALID_RESPONSE, latency, detail="body is not JSON")
-    if not isinstance(payload, dict):
-        return Outcome(Result.INVALID_RESPONSE, latency, detail="JSON body is not an object")
-    state = payload.get("status")
-    if state == "down":
+        payload = decode(body)
+    except InvalidHealth as exc:
+        return Outcome(Result.INVALID_RESPONSE, latency, detail=str(exc))
+    except Exception as exc:
+        _throttled.error(f"classify:{type(exc).__name__}", "classifying a /health answer failed")
+        return Outcome(
+            Result.INVALID_RESPONSE, latency, detail=f"unreadable answer ({type(exc).__name__})"
+        )
+    if payload["status"] == "down":
         return Outcome(
             Result.UNHEALTHY, latency, detail="master reports status down", payload=payload
         )
-    if state not in _STATUSES:
-        return Outcome(Result.INVALID_RESPONSE, latency, detail=f"unknown status {state!r}")
-    for field in _NUMERIC_FIELDS:
-        value = payload.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            return Outcome(Result.INVALID_RESPONSE, latency, detail=f"{field} is not a number")
-    degraded = _STATUSES[state] or latency > degraded_latency
-    detail = "slow answer" if latency > degraded_latency else ("degraded" if degraded else "")
+    slow = latency > degraded_latency
+    degraded = payload["status"] == "degraded" or slow
+    detail = "slow answer" if slow else ("degraded" if degraded else "")
     return Outcome(Result.SUCCESS, latency, degraded=degraded, detail=detail, payload=payload)
 
 
 def new_session(probe: ProbeConfig) -> aiohttp.ClientSession:
-    """One pooled session for probes and protocol calls: keep-alive, bounded connections."""
+    """One pooled session for probes and protocol calls: keep-alive, bounded connections.
+    Its defaults (redirects followed, bodies decompressed) serve the protocol calls; probes
+    override both per request in ``probe_once``."""
     connector = aiohttp.TCPConnector(
         limit=probe.max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30
     )
@@ -70,14 +75,53 @@ def new_session(probe: ProbeConfig) -> aiohttp.ClientSession:
     )
 
 
+class _BodyRefused(Exception):
+    """The answer's body is not read: too large, or compressed."""
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The body, read in chunks and never more than ``cap`` bytes of it held."""
+    encoding = resp.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise _BodyRefused(f"compressed body refused (Content-Encoding {encoding[:40]})")
+    too_large = f"body too large (limit {cap} bytes)"
+    if resp.content_length is not None and resp.content_length > cap:
+        raise _BodyRefused(too_large)
+    body = bytearray()
+    while True:
+        chunk = await resp.content.read(min(_READ_CHUNK, cap + 1 - len(body)))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > cap:
+            raise _BodyRefused(too_large)
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str, cap: int) -> tuple[int, bytes]:
+    """Status and body of one GET; the body of a non-2xx answer is not read (not needed)."""
+    async with session.get(
+        url, allow_redirects=False, auto_decompress=False, headers=_PROBE_HEADERS
+    ) as resp:
+        if not 200 <= resp.status < 300:
+            return resp.status, b""
+        try:
+            return resp.status, await _read_capped(resp, cap)
+        except _BodyRefused:
+            resp.close()  # drop the connection: the rest of the body is unread
+            raise
+
+
 async def probe_once(session: aiohttp.ClientSession, url: str, probe: ProbeConfig) -> Outcome:
-    """Probe one master's health endpoint and classify the answer."""
+    """Probe one master's health endpoint and classify the answer. Redirects are not followed
+    (a 3xx is ``http_error``), bodies are read up to ``probe.max_body_bytes`` and never
+    decompressed. Never raises but for cancellation: whatever happens is one of the results."""
     start = time.perf_counter()
     try:
         async with asyncio.timeout(probe.timeout):
-            async with session.get(url) as resp:
-                body = await resp.read()
-                status = resp.status
+            status, body = await _fetch(session, url, probe.max_body_bytes)
+        return classify(status, body, time.perf_counter() - start, probe.degraded_latency)
+    except _BodyRefused as exc:
+        return Outcome(Result.INVALID_RESPONSE, time.perf_counter() - start, detail=str(exc))
     except TimeoutError:
         return Outcome(
             Result.TIMEOUT,
@@ -94,7 +138,13 @@ async def probe_once(session: aiohttp.ClientSession, url: str, probe: ProbeConfi
         return Outcome(
             Result.CONNECT_ERROR, time.perf_counter() - start, detail=f"{type(exc).__name__}: {exc}"
         )
-    return classify(status, body, time.perf_counter() - start, probe.degraded_latency)
+    except Exception as exc:
+        _throttled.error(f"probe:{type(exc).__name__}", "probe of %s failed unexpectedly", url)
+        return Outcome(
+            Result.CONNECT_ERROR,
+            time.perf_counter() - start,
+            detail=f"probe failed: {type(exc).__name__}: {exc}"[:200],
+        )
 
 
 def phase(name: str) -> float:
@@ -174,9 +224,9 @@ class Prober:
                 self.first_round_done.set()
 
         def start(rt: MasterRuntime) -> None:
-            task = loop.create_task(self._probe_master(rt))
+            task = loop.create_task(self._probe_master(rt), name=f"probe {rt.name}")
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._task_done)
             if first:
                 task.add_done_callback(finished)
 
@@ -187,7 +237,15 @@ class Prober:
             for rt in masters
         ]
 
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A probe task that died is logged, never lost silently."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s died", task.get_name(), exc_info=exc)
+
     async def _probe_master(self, rt: MasterRuntime) -> None:
+        """Probe one master and hand over the outcome; a failure here stays with this master:
+        it is logged and every other master's probes and transitions go on."""
         if rt.in_flight:  # previous probe still running: never two at once per master
             return
         rt.in_flight = True
@@ -195,8 +253,17 @@ class Prober:
             outcome = await probe_once(self.session, rt.config.url + self.probe.path, self.probe)
         finally:
             rt.in_flight = False
-        if self.fleet.get(rt.name) is rt:  # not removed by a reload meanwhile
+        if self.fleet.get(rt.name) is not rt:  # removed by a reload meanwhile
+            return
+        try:
             self.on_result(rt, outcome)
+        except Exception as exc:
+            _throttled.error(
+                f"on_result:{type(exc).__name__}",
+                "handling the probe result of %s (%s) failed",
+                rt.name,
+                outcome.result,
+            )
 
     async def stop(self) -> None:
         if self._scheduler is not None:

@@ -10,8 +10,10 @@ from aiohttp import web
 
 from exporter.config import MasterConfig, ProbeConfig
 from exporter.fleet import Fleet, Result
+from exporter.logs import ThrottledLog
+from exporter.probing import prober as prober_module
 from exporter.probing.prober import Prober, classify, new_session, probe_once
-from tests.support import free_port, serve_app, wait_for
+from tests.support import closed_port, serve_app, wait_for
 
 PROBE = ProbeConfig(interval=1.0, timeout=0.3, degraded_latency=0.15, jitter=0.1)
 
@@ -91,7 +93,7 @@ async def test_each_misbehaviour_is_classified(master_url, path, result, degrade
 
 async def test_refused_port_is_connect_error():
     async with new_session(PROBE) as session:
-        outcome = await probe_once(session, f"http://127.0.0.1:{free_port()}/health", PROBE)
+        outcome = await probe_once(session, f"http://127.0.0.1:{closed_port()}/health", PROBE)
     assert outcome.result is Result.CONNECT_ERROR
     assert "connect" in outcome.detail
 
@@ -133,3 +135,87 @@ async def test_rounds_probe_every_master_spread_over_the_interval(master_url):
     for times in seen.values():  # one probe per master per interval, give or take jitter
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert all(0.5 * (1 - 0.1) - 0.1 < g < 0.5 * (1 + 0.1) + 0.1 for g in gaps), gaps
+
+
+@pytest.fixture
+def fresh_throttle(monkeypatch):
+    """A throttled log of its own, so that what another test logged does not hide ours."""
+    throttled = ThrottledLog(prober_module.log)
+    monkeypatch.setattr(prober_module, "_throttled", throttled)
+    return throttled
+
+
+async def test_a_failing_result_handler_stays_with_its_master(master_url, caplog, fresh_throttle):
+    """One master's result handler raising on every probe: the others still get every result
+    (so their health transitions happen), the failing one is still probed, and the error is
+    logged once, not once per probe."""
+    masters = [MasterConfig(name=f"m{i}", url=master_url) for i in range(3)]
+    probe = ProbeConfig(interval=0.3, timeout=0.2, path="/ok", jitter=0.1)
+    fleet = Fleet(masters, probe, 5)
+    calls: dict[str, int] = {}
+
+    def on_result(rt, outcome):
+        calls[rt.name] = calls.get(rt.name, 0) + 1
+        if rt.name == "m0":
+            raise RuntimeError("handler bug")
+
+    async with new_session(probe) as session:
+        prober = Prober(fleet, probe, session, on_result)
+        prober.start()
+        try:
+            await asyncio.wait_for(prober.first_round_done.wait(), 5)
+            await wait_for(
+                lambda: len(calls) == 3 and min(calls.values()) >= 3, 10, "three rounds each"
+            )
+        finally:
+            await prober.stop()
+    failures = [r for r in caplog.records if "handling the probe result of m0" in r.getMessage()]
+    assert len(failures) == 1, [r.getMessage() for r in caplog.records]
+    assert failures[0].exc_info is not None
+
+
+async def test_a_probe_that_breaks_inside_is_a_failed_probe(
+    master_url, monkeypatch, caplog, fresh_throttle
+):
+    def broken(*args):
+        raise RuntimeError("classifier bug")
+
+    monkeypatch.setattr(prober_module, "classify", broken)
+    async with new_session(PROBE) as session:
+        outcome = await probe_once(session, master_url + "/ok", PROBE)
+    assert outcome.result is Result.CONNECT_ERROR
+    assert outcome.detail == "probe failed: RuntimeError: classifier bug"
+    assert any("failed unexpectedly" in r.getMessage() for r in caplog.records)
+
+
+def test_classify_never_raises_on_a_broken_decoder(monkeypatch, fresh_throttle):
+    def broken(body):
+        raise KeyError("decoder bug")
+
+    monkeypatch.setattr(prober_module, "decode", broken)
+    outcome = classify(200, b'{"status": "ok"}', 0.01, 0.5)
+    assert outcome.result is Result.INVALID_RESPONSE
+    assert outcome.detail == "unreadable answer (KeyError)"
+
+
+async def test_a_probe_task_that_dies_is_logged(master_url, monkeypatch, caplog):
+    masters = [MasterConfig(name="m0", url=master_url)]
+    probe = ProbeConfig(interval=0.3, timeout=0.2, path="/ok", jitter=0.1)
+    fleet = Fleet(masters, probe, 5)
+
+    async def dies(self, rt):
+        raise RuntimeError("task bug")
+
+    monkeypatch.setattr(Prober, "_probe_master", dies)
+    async with new_session(probe) as session:
+        prober = Prober(fleet, probe, session, lambda rt, outcome: None)
+        prober.start()
+        try:
+            await asyncio.wait_for(prober.first_round_done.wait(), 5)
+            await wait_for(
+                lambda: any("probe m0 died" in r.getMessage() for r in caplog.records),
+                5,
+                "the dead task to be logged",
+            )
+        finally:
+            await prober.stop()
