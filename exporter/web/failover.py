@@ -1,12 +1,15 @@
 """Failover API: history, audit, manual switchover, maintenance, reset, pause.
 
 History and audit are paginated newest first with an id cursor (``?limit=&before=``), which
-stays stable while new entries arrive. Every action is a mutating request, so the auth
-middleware demands the token; failover's refusals become statuses in the error middleware.
+stays stable while new entries arrive. Ids are SQLite integers: a number outside 1..2**63-1
+is refused with a 400 before it reaches the store. Every action is a mutating request, so
+the auth middleware demands the token; failover's refusals become statuses in the error
+middleware.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -16,6 +19,9 @@ from exporter.web.jsonapi import ApiError, Body, NoBody, json_response, read_bod
 from exporter.web.keys import SERVICE
 
 MAX_PAGE = 500
+#: The largest id SQLite can store (a signed 64-bit integer).
+MAX_ID = 2**63 - 1
+_WHOLE = re.compile(r"[0-9]{1,19}")
 
 
 class Operator(Protocol):
@@ -38,23 +44,29 @@ class Operator(Protocol):
 
 
 class Switchover(Body):
-    source: str = Field(alias="from", min_length=1)
-    to: str | None = Field(default=None, min_length=1)
+    source: str = Field(alias="from", min_length=1, max_length=256)
+    to: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class Maintenance(Body):
-    enabled: bool = True
+    """``enabled`` is required: a typo or an empty body must not drain a master."""
+
+    enabled: bool
+
+
+def whole_number(text: str, name: str, low: int, high: int) -> int:
+    """``text`` as an integer in ``low..high`` (ASCII digits only), or a 400 naming ``name``."""
+    value = int(text) if _WHOLE.fullmatch(text) else None
+    if value is None or not low <= value <= high:
+        raise ApiError(400, f"{name!r} must be a whole number between {low} and {high}")
+    return value
 
 
 def _page_args(request: web.Request) -> tuple[int, int | None, str | None]:
-    try:
-        limit = int(request.query.get("limit", "50"))
-        before = int(request.query["before"]) if "before" in request.query else None
-    except ValueError:
-        raise ApiError(400, "'limit' and 'before' must be whole numbers") from None
-    if not 1 <= limit <= MAX_PAGE:
-        raise ApiError(400, f"'limit' must be between 1 and {MAX_PAGE}")
-    return limit, before, request.query.get("master") or None
+    query = request.query
+    limit = whole_number(query.get("limit", "50"), "limit", 1, MAX_PAGE)
+    before = whole_number(query["before"], "before", 1, MAX_ID) if "before" in query else None
+    return limit, before, query.get("master") or None
 
 
 def _page(items: list[dict[str, Any]], limit: int, total: int) -> dict[str, Any]:
@@ -78,10 +90,7 @@ async def failovers(request: web.Request) -> web.Response:
 
 
 async def failover_one(request: web.Request) -> web.Response:
-    try:
-        fid = int(request.match_info["id"])
-    except ValueError:
-        raise ApiError(400, "failover id must be a whole number") from None
+    fid = whole_number(request.match_info["id"], "failover id", 1, MAX_ID)
     row = request.app[SERVICE].store.get_failover(fid)
     if row is None:
         raise ApiError(404, f"no failover with id {fid}")
@@ -104,8 +113,11 @@ async def manual_failover(request: web.Request) -> web.Response:
 
 
 async def maintenance(request: web.Request) -> web.Response:
-    body = await read_body(request, Maintenance)
+    """An unknown master is a 404 whatever the body says."""
     name = request.match_info["name"]
+    if request.app[SERVICE].fleet.get(name) is None:
+        raise ApiError(404, f"no master named {name!r}")
+    body = await read_body(request, Maintenance)
     return json_response(
         await _operator(request).set_maintenance(name, body.enabled, actor="api")
     )

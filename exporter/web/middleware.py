@@ -24,7 +24,7 @@ from exporter.failover.errors import (
 )
 from exporter.routing.router import NoRoute
 from exporter.web.jsonapi import ApiError, json_response
-from exporter.web.keys import SERVICE
+from exporter.web.keys import REJECTIONS, SERVICE
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -95,13 +95,19 @@ def _authorized(request: web.Request) -> bool:
 @web.middleware
 async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     """401 for a mutating request without the right token; reads and their HEAD/OPTIONS pass.
-    The token is read per request because a reload may change it; it is never logged."""
+    The token is read per request because a reload may change it; it is never logged. The
+    warning is throttled per method and route: anyone can send these."""
     if request.method in MUTATING and not _authorized(request):
-        log.warning(
-            "rejected %s %s from %s: missing or wrong bearer token",
-            request.method,
-            request.path,
-            request.remote,
-        )
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "(no route)"
+        skipped = request.app[REJECTIONS].admit((request.method, route))
+        if skipped is not None:
+            log.warning(
+                "rejected %s %s from %s: missing or wrong bearer token%s",
+                request.method,
+                request.path[:200],
+                request.remote,
+                f" ({skipped} more on this route since the last report)" if skipped else "",
+            )
         raise ApiError(401, UNAUTHORIZED)
     return await handler(request)

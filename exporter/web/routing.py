@@ -18,11 +18,16 @@ from exporter.routing.router import Decision
 from exporter.web.jsonapi import ApiError, Body, json_response, read_body
 from exporter.web.keys import SERVICE
 
+#: Longest latency a report may carry; anything longer is a client's bug, not a measurement.
+MAX_REPORTED_LATENCY = 3600.0
+
 
 class Report(Body):
-    master: str = Field(min_length=1)
+    master: str = Field(min_length=1, max_length=256)
     ok: bool
-    latency_seconds: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    latency_seconds: float = Field(
+        default=0.0, ge=0, le=MAX_REPORTED_LATENCY, allow_inf_nan=False
+    )
 
 
 class StrategyChange(Body):

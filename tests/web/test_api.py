@@ -1,34 +1,19 @@
-"""The API's cross-cutting rules, over a real exporter app on 127.0.0.1 and simulated masters:
-every mutating request needs the token, reads do not, and request bodies are strict.
-
-The routes are enumerated from the running app's router, so a route added later is covered
-without anyone remembering to list it here.
+"""The API's cross-cutting rules, over a real exporter app on 127.0.0.1 and simulated masters
+(tests.web.harness): every mutating request needs the token, reads do not, and request bodies
+are strict.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp import web
 
-from exporter.config import parse_config
-from exporter.service import Service
-from exporter.sim.master import SimulatedMaster, create_app
-from exporter.web.server import HttpServer, running
-from tests.support import serve_app, wait_for
+from tests.web.harness import AUTH, MUTATING, TOKEN, Api, exporter
 
-TOKEN = "s3cret-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-MUTATING = ("POST", "PUT", "DELETE", "PATCH")
-#: Values for path placeholders: a master that exists, a failover id that does not.
-PLACEHOLDERS = {"name": "master-a", "id": "1"}
 NO_TOKEN: list[dict[str, str]] = [
     {},
     {"Authorization": "Bearer not-the-token-42"},
@@ -36,63 +21,6 @@ NO_TOKEN: list[dict[str, str]] = [
     {"Authorization": "Bearer"},
     {"Authorization": TOKEN},
 ]
-
-
-class Api:
-    """The exporter under test: its service, base URL, app and an HTTP client."""
-
-    def __init__(self, svc: Service, server: HttpServer, http: aiohttp.ClientSession) -> None:
-        self.svc = svc
-        self.app: web.Application = server.runner.app
-        self.base = f"http://127.0.0.1:{server.port}"
-        self.http = http
-
-    async def call(
-        self, method: str, path: str, headers: dict[str, str] | None = None, **kw: Any
-    ) -> tuple[int, Any]:
-        async with self.http.request(method, self.base + path, headers=headers, **kw) as r:
-            if r.content_type == "application/json":
-                return r.status, await r.json()
-            return r.status, await r.text()
-
-    def routes(self, methods: tuple[str, ...]) -> list[tuple[str, str]]:
-        """(method, concrete path) of every route the app serves with one of ``methods``."""
-        found = []
-        for route in self.app.router.routes():
-            if route.method in methods and route.resource is not None:
-                path = re.sub(r"\{(\w+)[^}]*\}", lambda m: PLACEHOLDERS[m[1]],
-                              route.resource.canonical)
-                found.append((route.method, path))
-        return found
-
-    def paths(self) -> list[str]:
-        return sorted({path for _, path in self.routes(("GET", *MUTATING))})
-
-
-@asynccontextmanager
-async def exporter(
-    tmp: Path, token: str | None = TOKEN, insecure_no_auth: bool = False
-) -> AsyncIterator[Api]:
-    sims = [SimulatedMaster("master-a", "uae"), SimulatedMaster("master-b", "usa"),
-            SimulatedMaster("master-c", "uae", "standby")]
-    async with serve_app(create_app(sims[0])) as ua, serve_app(create_app(sims[1])) as ub, \
-            serve_app(create_app(sims[2])) as uc:
-        cfg = parse_config({
-            "state_path": str(tmp / "state.db"),
-            "probe": {"interval": "200ms", "timeout": "150ms"},
-            "masters": [
-                {"name": "master-a", "url": ua, "region": "uae", "priority": 1},
-                {"name": "master-b", "url": ub, "region": "usa", "priority": 2},
-                {"name": "master-c", "url": uc, "region": "uae", "role": "standby",
-                 "priority": 3},
-            ],
-            "failover": {"enabled": False},
-            "api": {"token_env": None, "max_body_bytes": 1024},
-        })
-        svc = Service(cfg, token=token, insecure_no_auth=insecure_no_auth)
-        async with running(svc, "127.0.0.1", 0) as server, aiohttp.ClientSession() as http:
-            await wait_for(lambda: svc.ready, 10, "the first probe round")
-            yield Api(svc, server, http)
 
 
 @pytest.fixture
@@ -208,7 +136,7 @@ async def test_valid_bodies_and_domain_errors(api: Api) -> None:
                                           "latency_seconds": 2}),
         ("POST", "/api/v1/failover/pause", None),
         ("POST", "/api/v1/failover/resume", {}),
-        ("POST", "/api/v1/masters/master-c/maintenance", None),
+        ("POST", "/api/v1/masters/master-c/maintenance", {"enabled": True}),
         ("POST", "/api/v1/masters/master-c/maintenance", {"enabled": False}),
         ("POST", "/api/v1/masters/master-c/reset", None),
         ("PUT", "/api/v1/balancing/strategy", {"strategy": "geo"}),
@@ -238,3 +166,88 @@ async def test_insecure_no_auth_does_not_override_a_configured_token(tmp_path: P
     async with exporter(tmp_path, insecure_no_auth=True) as api:
         assert (await api.call("POST", "/api/v1/failover/pause"))[0] == 401
         assert (await api.call("POST", "/api/v1/failover/pause", AUTH))[0] == 200
+
+
+async def test_integer_parameters_are_range_checked(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ids are SQLite integers: past 2**63-1 the store would overflow, so the API refuses."""
+    huge = str(2**63)
+    bad = [
+        f"/api/v1/failovers?before={huge}", f"/api/v1/audit?before={huge}",
+        "/api/v1/failovers?before=0", "/api/v1/failovers?before=-5",
+        "/api/v1/audit?before=1e3", "/api/v1/audit?before=%D9%A1",  # an Arabic-Indic one
+        "/api/v1/failovers?limit=501", "/api/v1/audit?limit=+5", "/api/v1/audit?limit=",
+        f"/api/v1/failovers/{huge}", f"/api/v1/failovers/{'9' * 400}", "/api/v1/failovers/0",
+        "/api/v1/failovers/-1", "/api/v1/failovers/1_0",
+    ]
+    with caplog.at_level(logging.DEBUG, logger="exporter"):
+        for path in bad:
+            status, body = await api.call("GET", path)
+            assert status == 400 and "must be a whole number between" in body["error"], (
+                path, status, body)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert (await api.call("GET", f"/api/v1/failovers/{2**63 - 1}"))[0] == 404
+    assert (await api.call("GET", f"/api/v1/audit?before={2**63 - 1}&limit=500"))[0] == 200
+
+
+@pytest.mark.parametrize("deep", [b"[" * 100_000 + b"]" * 100_000,
+                                  b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+                                  b"[" * 100_000])
+async def test_deeply_nested_bodies_are_400_without_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, deep: bytes
+) -> None:
+    async with exporter(tmp_path, max_body_bytes=1 << 20) as api:
+        with caplog.at_level(logging.DEBUG):
+            for method, path in api.routes(MUTATING):
+                status, body = await api.call(method, path, AUTH, data=deep)
+                assert (status, body) == (400, {"error": "body nested too deep (limit 32 levels)"})
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+        # a body within the bound is parsed as before
+        shallow = b'{"enabled": true, "x": ' + b"[" * 30 + b"]" * 30 + b"}"
+        status, body = await api.call("POST", "/api/v1/masters/master-c/maintenance", AUTH,
+                                      data=shallow)
+        assert (status, body) == (400, {"error": "body.x: unexpected field"})
+        # brackets inside strings are text, not nesting
+        status, body = await api.call("POST", "/api/v1/failover", AUTH,
+                                      json={"from": "[{" * 100})
+        assert status == 404, body
+
+
+@pytest.mark.parametrize("latency", ["9" * 400, "1e308", "1e400", "3600.5", "-0.5", "NaN"])
+async def test_out_of_range_latency_is_400_naming_the_field(api: Api, latency: str) -> None:
+    raw = f'{{"master": "master-a", "ok": true, "latency_seconds": {latency}}}'.encode()
+    status, body = await api.call("POST", "/api/v1/route/report", AUTH, data=raw)
+    assert status == 400 and body["error"].startswith("body.latency_seconds: "), body
+    ok = b'{"master": "master-a", "ok": true, "latency_seconds": 3600}'
+    assert (await api.call("POST", "/api/v1/route/report", AUTH, data=ok))[0] == 200
+
+
+async def test_maintenance_needs_enabled_explicitly(api: Api) -> None:
+    """An empty body or a typo must not drain a master."""
+    path = "/api/v1/masters/master-b/maintenance"
+    for payload, named in ((None, "body.enabled: required field missing"),
+                           ({}, "body.enabled: required field missing"),
+                           ({"enable": False}, "body.enable: unexpected field")):
+        status, body = await api.call("POST", path, AUTH, json=payload)
+        assert status == 400 and named in body["error"], (payload, body)
+    assert api.svc.store.maintenance() == {}
+    assert "maintenance_on" not in audit_actions(api)
+    # an unknown master is a 404 whatever the body
+    assert (await api.call("POST", "/api/v1/masters/nobody/maintenance", AUTH, json={}))[0] == 404
+
+
+async def test_a_body_that_never_arrives_is_408(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("exporter.web.jsonapi.BODY_TIMEOUT", 0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+    try:
+        writer.write(b"POST /api/v1/route/report HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"ma")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408 "), head

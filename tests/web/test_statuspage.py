@@ -31,7 +31,7 @@ from exporter.service import Service
 from exporter.sim.master import SimulatedMaster, create_app
 from exporter.web.server import running
 from exporter.web.statuspage import ALERTS_TIMEOUT
-from tests.support import free_port, serve_app, wait_for
+from tests.support import closed_port, serve_app, wait_for
 from tests.tools import require_binary
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -347,7 +347,7 @@ async def test_status_page_renders_whatever_alertmanager_does(tmp_path, alertman
             serve_app(create_app(SimulatedMaster("master-c", "uae", "standby"))) as uc, \
             serve_app(alertmanager_app(queries, alertmanager)) as fake, \
             aiohttp.ClientSession() as http:
-        am = f"http://127.0.0.1:{free_port()}" if alertmanager == "dead port" else fake
+        am = f"http://127.0.0.1:{closed_port()}" if alertmanager == "dead port" else fake
         urls = {"master-a": ua, "evil": ue, "master-c": uc}
         async with start_service(tmp_path, urls, am) as (_svc, base):
             started = time.monotonic()
