@@ -27,7 +27,7 @@ import yaml
 
 from bench.common import free_port, machine, start_target, wait_http
 
-TOKEN = "bench-token"
+TOKEN = "bench-token-0123456789"
 TARGET_RPS, TARGET_P99_MS = 5_000, 5.0
 EXPORTER_CORE, LOAD_CORE = 0, 1
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}

@@ -11,11 +11,19 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exporter import __version__, logs
-from exporter.config import Config, ConfigError, load_config, read_token, summary
+from exporter.config import (
+    MIN_TOKEN_LENGTH,
+    Config,
+    ConfigError,
+    load_config,
+    read_token,
+    summary,
+)
 
 if TYPE_CHECKING:
     from exporter.service import Service
@@ -71,14 +79,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     try:
         token = read_token(cfg.api)
-    except ConfigError as exc:
-        print("\n".join(exc.errors), file=sys.stderr)
+    except ConfigError as exc:  # unreadable or too short: never runs, whatever the flags
+        print(f"refusing to start: {'; '.join(exc.errors)}", file=sys.stderr)
         return 2
     if token is None and not args.insecure_no_auth:
-        source = f"${cfg.api.token_env}" if cfg.api.token_env else "api.token_file"
+        if cfg.api.token_file:
+            source = f"api.token_file {cfg.api.token_file}"
+        elif cfg.api.token_env:
+            source = f"${cfg.api.token_env}"
+        else:
+            source = "the config (api.token_env or api.token_file)"
         print(
-            f"refusing to start: mutating endpoints need a bearer token and {source} is empty; "
-            "set it, or start with --insecure-no-auth to run without authentication",
+            f"refusing to start: mutating endpoints need a bearer token of at least "
+            f"{MIN_TOKEN_LENGTH} characters and {source} holds none (unset, empty or only "
+            "whitespace); set one, or start with --insecure-no-auth to run without "
+            "authentication",
             file=sys.stderr,
         )
         return 2
@@ -130,6 +145,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     asyncio.run(run_demo(args))
     return 0
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    """One line per requirement; 0 only when the master conforms, 2 for a bad URL."""
+    from exporter.conformance import check_master, url_problem
+
+    problem = url_problem(args.url)
+    if problem is not None:
+        print(f"conformance: {problem}", file=sys.stderr)
+        return 2
+    results = asyncio.run(check_master(args.url, destructive=args.destructive,
+                                       epoch=args.epoch, timeout=args.timeout))
+    for result in results:
+        print(result.line(), flush=True)
+    failed = sum(not r.ok for r in results)
+    print(f"conformance of {args.url}: {len(results)} requirements, {failed} failed",
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _positive(kind: type[int] | type[float], high: float) -> Callable[[str], float]:
+    """An argparse type for a number in (0, high]: a bad value is a usage error (exit 2)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not between 0 (excluded) and {high:g}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--config", required=True)
     render.add_argument("--out", required=True)
     render.set_defaults(func=cmd_render)
+
+    conf = sub.add_parser(
+        "conformance",
+        help="check a running master against the master protocol (docs/protocol.md)",
+        description="Prints PASS/FAIL and the why of every requirement; exit 0 only when all "
+        "pass, 1 when any fails, 2 on usage errors.",
+    )
+    conf.add_argument("url", help="the master's base URL, e.g. http://127.0.0.1:9201")
+    conf.add_argument(
+        "--destructive",
+        action="store_true",
+        help="also import, activate, release and fence (the master stops serving for a moment; "
+        "what it served is restored at the end): run it on a master out of rotation",
+    )
+    conf.add_argument(
+        "--epoch",
+        type=_positive(int, 2**63 - 1),
+        help="fencing epoch of the control calls (default: the one /health reports, else 1)",
+    )
+    conf.add_argument(
+        "--timeout", type=_positive(float, 300), default=5.0, metavar="SECONDS",
+        help="per call (default 5)",
+    )
+    conf.set_defaults(func=cmd_conformance)
     return p
 
 

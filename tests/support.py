@@ -26,7 +26,7 @@ from exporter.config import Config, load_config, parse_config
 T = TypeVar("T")
 
 #: Bearer token of every exporter the harness starts, read from TOKEN_ENV (never from the file).
-TOKEN = "e2e-token"
+TOKEN = "e2e-test-token-0123456789"
 TOKEN_ENV = "HA_TEST_TOKEN"
 #: Probe settings of test configs: a failed master is detected within about 2 s.
 FAST_PROBE: dict[str, Any] = {
@@ -68,13 +68,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def free_port() -> int:
-    """Deprecated: a port picked free to be bound later races with every other process.
-    A server we start binds port 0 (``serve_app``, tests.processes); a dead address is
-    ``closed_port()``. Kept until its last users (outside the harness) migrate."""
-    return closed_port()
 
 
 def url_of(runner: web.BaseRunner, host: str = "127.0.0.1") -> str:

@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("probing",),
     ("routing",),
     ("failover",),
+    ("conformance",),  # a client of masters: uses failover.protocol's checksum and parsing
     ("metrics",),
     ("service",),
     ("web",),
