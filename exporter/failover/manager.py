@@ -67,7 +67,10 @@ class FailoverManager:
         self.store = store
         self.duties = duties
         self.publish = publish
-        self.client = MasterClient(session, config.failover.step_timeout)
+        # one new fencing epoch per start: this exporter outranks any older one still running
+        self.client = MasterClient(session, config.failover.step_timeout, store.next_epoch())
+        log.info("fencing epoch %d", self.client.epoch, extra={"event": "fencing_epoch",
+                                                               "epoch": self.client.epoch})
         self.checkpoints = Checkpointer(store, self.client)
         self.stats = FailoverStats()
         self.notifier = Notifier(session, store, lambda: self.config)

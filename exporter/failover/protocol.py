@@ -2,8 +2,12 @@
 
 Every call has its own timeout and fails with one exception type, ``MasterCallError``, whose
 message says which master, which call and why (timeout, connection, HTTP status with the
-master's own error text, invalid JSON, checksum mismatch): that text goes verbatim into the
-failover record, so an operator reading the audit trail needs nothing else.
+master's own error text, invalid JSON, checksum mismatch, a stale fencing epoch): that text goes
+verbatim into the failover record, so an operator reading the audit trail needs nothing else.
+
+Every control call (import, drop, activate, deactivate) carries the exporter's fencing epoch in
+``X-HA-Epoch``; a master that has obeyed a newer controller answers 409 ``stale epoch`` and the
+call fails as ``StaleEpoch``. docs/protocol.md is the normative description of all of it.
 
 Snapshots travel as the raw bytes the source sent: the checksum is verified once on receipt and
 the same bytes are forwarded to the backup, so a 10 MB state is parsed once and never re-encoded
@@ -22,6 +26,8 @@ import aiohttp
 
 BIG_BODY = 256 * 1024  # above this, JSON parsing and hashing leave the event loop
 STORED_KEYS = ("sessions", "pending_messages", "config", "imported")
+EPOCH_HEADER = "X-HA-Epoch"
+STALE_EPOCH = "stale epoch"  # the ``error`` of a master's 409 to a lower epoch
 
 
 class MasterCallError(Exception):
@@ -33,6 +39,11 @@ class MasterCallError(Exception):
         self.op = op
         self.reason = reason
         self.status = status
+
+
+class StaleEpoch(MasterCallError):
+    """The master has obeyed a higher epoch than ours: another controller is in charge, and
+    retrying with this exporter's epoch can never succeed."""
 
 
 def snapshot_checksum(snapshot: dict[str, Any]) -> str:
@@ -106,24 +117,31 @@ async def parse_snapshot_async(raw: bytes, who: str = "?", op: str = "get_state"
 
 
 class MasterClient:
-    """The protocol calls over a shared session; ``timeout`` is the per-step default."""
+    """The protocol calls over a shared session; ``timeout`` is the per-step default and
+    ``epoch`` the fencing epoch sent with every control call (None: no header, for tools)."""
 
-    def __init__(self, session: aiohttp.ClientSession, timeout: float = 5.0) -> None:
+    def __init__(self, session: aiohttp.ClientSession, timeout: float = 5.0,
+                 epoch: int | None = None) -> None:
         self.session = session
         self.timeout = timeout
+        self.epoch = epoch
 
     async def _call(self, who: str, op: str, method: str, url: str, *,
                     json_body: Any = None, data: bytes | None = None,
-                    timeout: float | None = None) -> bytes:
+                    timeout: float | None = None, control: bool = False) -> bytes:
         limit = self.timeout if timeout is None else timeout
-        headers = {"Content-Type": "application/json"} if data is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        if control and self.epoch is not None:
+            headers[EPOCH_HEADER] = str(self.epoch)
         try:
             async with asyncio.timeout(limit):
                 async with self.session.request(
-                    method, url, json=json_body, data=data, headers=headers,
+                    method, url, json=json_body, data=data, headers=headers or None,
                     timeout=aiohttp.ClientTimeout(total=None),
                 ) as resp:
                     body = await resp.read()
+                    if resp.status == 409 and _error_text(body) == STALE_EPOCH:
+                        raise self._stale(who, op, body)
                     if resp.status >= 300:
                         raise MasterCallError(who, op, f"HTTP {resp.status}: "
                                               f"{_error_text(body)}", resp.status)
@@ -134,6 +152,13 @@ class MasterClient:
             raise MasterCallError(who, op, f"cannot connect: {exc.os_error or exc}") from None
         except aiohttp.ClientError as exc:
             raise MasterCallError(who, op, f"{type(exc).__name__}: {exc}") from None
+
+    def _stale(self, who: str, op: str, body: bytes) -> StaleEpoch:
+        theirs = _json_field(body, "epoch")
+        obeyed = f"epoch {theirs}" if isinstance(theirs, int) else "a higher epoch"
+        return StaleEpoch(who, op, f"stale epoch: {who} has obeyed {obeyed} and refuses this "
+                          f"exporter's epoch {self.epoch}; another controller is in charge",
+                          409)
 
     async def _call_json(self, who: str, op: str, method: str, url: str, **kw: Any) -> Any:
         body = await self._call(who, op, method, url, **kw)
@@ -168,7 +193,7 @@ class MasterClient:
                            timeout: float | None = None) -> str:
         """POST the snapshot; returns the checksum the backup says it stored."""
         out = await self._call_json(who, "import_state", "POST", f"{base}/state",
-                                    data=snapshot.raw, timeout=timeout)
+                                    data=snapshot.raw, timeout=timeout, control=True)
         checksum = out.get("checksum") if isinstance(out, dict) else None
         if not isinstance(checksum, str):
             raise MasterCallError(who, "import_state", f"answer has no checksum: {out!r:.80}")
@@ -178,7 +203,7 @@ class MasterClient:
                           timeout: float | None = None) -> None:
         try:
             await self._call(who, "drop_import", "DELETE", f"{base}/state/{source}",
-                             timeout=timeout)
+                             timeout=timeout, control=True)
         except MasterCallError as exc:
             if exc.status != 404:  # nothing imported: already rolled back
                 raise
@@ -187,7 +212,7 @@ class MasterClient:
                        timeout: float | None = None) -> dict[str, Any]:
         body = {"taken_over": taken_over} if taken_over else {}
         out = await self._call_json(who, "activate", "POST", f"{base}/activate",
-                                    json_body=body, timeout=timeout)
+                                    json_body=body, timeout=timeout, control=True)
         return out if isinstance(out, dict) else {}
 
     async def deactivate(self, who: str, base: str, taken_over: str | None = None,
@@ -195,8 +220,17 @@ class MasterClient:
         """Release one taken-over duty, or with ``taken_over=None`` fence the master."""
         body = {"taken_over": taken_over} if taken_over else None
         out = await self._call_json(who, "deactivate", "POST", f"{base}/deactivate",
-                                    json_body=body, timeout=timeout)
+                                    json_body=body, timeout=timeout, control=True)
         return out if isinstance(out, dict) else {}
+
+
+def _json_field(body: bytes, key: str) -> Any:
+    """``key`` of a JSON object body, None when the body is not one."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def _error_text(body: bytes) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from exporter.config import FailoverConfig
 from exporter.failover.duties import DutyTable
 from exporter.failover.moves import Move
-from exporter.failover.protocol import MasterCallError, MasterClient
+from exporter.failover.protocol import MasterCallError, MasterClient, StaleEpoch
 from exporter.failover.steps import Steps
 from exporter.fleet import Fleet, MasterRuntime
 from exporter.store.sqlite import Store
@@ -67,6 +67,11 @@ class Undoer:
                 for duty in self.duties.duties_of(rt.name):
                     await self.client.activate(rt.name, url, None if duty == rt.name else duty,
                                                timeout=timeout)
+        except StaleEpoch as exc:
+            # another controller is in charge of this master: a retry could never land
+            errors.append(exc.reason)
+            log.warning("%s on %s not queued: %s", action, rt.name, exc.reason,
+                        extra={"event": "failover_undo_stale", "master": rt.name})
         except MasterCallError as exc:
             errors.append(exc.reason)
             self.store.add_cleanup(rt.name, action, arg, fid, exc.reason)

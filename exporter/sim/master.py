@@ -4,6 +4,9 @@ Probing, failover and balancing are tested against real sockets and real process
 it, and it can be told to misbehave (``POST /chaos``) or be killed like a real one. State and
 behaviour live in ``exporter.sim.state``; this is the thin HTTP layer, and the only background
 work is the task that advances the state's clock.
+
+It is the reference implementation of docs/protocol.md, with one allowed shortcut: the highest
+fencing epoch obeyed lives in memory, so a restarted simulated master has obeyed none.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -30,8 +34,33 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+EPOCH_HEADER = "X-HA-Epoch"
+_EPOCH_TEXT = re.compile(r"[0-9]{1,19}")
+MAX_EPOCH = 2**63 - 1
+
+
+def _error(status: int, message: str, extra: dict[str, Any] | None = None) -> web.Response:
+    return web.json_response({"error": message, **(extra or {})}, status=status)
+
+
+def _epoch(request: web.Request) -> int | None:
+    """The control call's fencing epoch; None without the header, 400 when it is not one
+    decimal integer from 0 to 2**63-1."""
+    values = request.headers.getall(EPOCH_HEADER, [])
+    if not values:
+        return None
+    text = values[0].strip()
+    if len(values) > 1 or not _EPOCH_TEXT.fullmatch(text) or int(text) > MAX_EPOCH:
+        raise Reject(400, f"invalid {EPOCH_HEADER} header: expected one integer 0..2**63-1")
+    return int(text)
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names ``etag`` (weak tags compare equal, ``*`` too)."""
+    if not header:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -87,7 +116,7 @@ def create_app(master: SimulatedMaster) -> web.Application:
         try:
             return await handler(request)
         except Reject as exc:
-            return _error(exc.status, str(exc))
+            return _error(exc.status, str(exc), exc.extra)
         except web.HTTPException as exc:  # the router's 404/405, aiohttp's own 413
             if exc.status < 400:
                 raise
@@ -115,29 +144,45 @@ def create_app(master: SimulatedMaster) -> web.Application:
     async def health(_: web.Request) -> web.Response:
         return web.json_response(master.health())
 
-    async def get_state(_: web.Request) -> web.Response:
-        return web.Response(text=master.snapshot_json(), content_type="application/json")
+    async def get_state(request: web.Request) -> web.Response:
+        body, checksum = master.snapshot_and_checksum()
+        etag = f'"{checksum}"'
+        if _etag_matches(request.headers.get("If-None-Match"), etag):
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(text=body, content_type="application/json", headers={"ETag": etag})
 
+    # control calls: the epoch is checked first (fail fast), and obeyed right before the effect
     async def post_state(request: web.Request) -> web.Response:
+        epoch = _epoch(request)
+        master.admit(epoch)
         raw = await _read_body(request, MAX_STATE_BODY)
         if len(raw) > THREAD_PARSE:  # keep /health answering during a big import
             snap, checksum = await asyncio.to_thread(_parse_and_verify, raw)
         else:
             snap, checksum = _parse_and_verify(raw)
+        master.obey(epoch)
         master.import_snapshot(snap, checksum)
         log.info("%s imported the state of %s", master.name, snap["master"])
         return web.json_response({"checksum": checksum, "master": snap["master"]})
 
     async def delete_state(request: web.Request) -> web.Response:
+        master.obey(_epoch(request))
         return web.json_response({"removed": master.drop_import(request.match_info["source"])})
 
     async def activate(request: web.Request) -> web.Response:
-        out = master.activate(_optional_name(await _json_body(request), "taken_over"))
+        epoch = _epoch(request)
+        master.admit(epoch)
+        taken = _optional_name(await _json_body(request), "taken_over")
+        master.obey(epoch)
+        out = master.activate(taken)
         log.info("%s active, duties %s", master.name, out["duties"])
         return web.json_response(out)
 
     async def deactivate(request: web.Request) -> web.Response:
+        epoch = _epoch(request)
+        master.admit(epoch)
         taken = _optional_name(await _json_body(request), "taken_over")
+        master.obey(epoch)
         out = master.deactivate(taken)
         log.info("%s released %s, duties %s", master.name, taken or "everything", out["duties"])
         return web.json_response(out)

@@ -59,11 +59,13 @@ def _message_id(value: Any) -> str | None:
 
 
 class Reject(Exception):
-    """A request refused with a status and a reason; the app answers it as JSON."""
+    """A request refused with a status and a reason; the app answers it as JSON
+    (``{"error": message, **extra}``)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.extra = extra or {}
 
 
 class SimulatedMaster:
@@ -98,6 +100,7 @@ class SimulatedMaster:
         self.accepted: list[str] = []
         self._seen: set[str] = set()
         self.imported: dict[str, dict[str, Any]] = {}
+        self.epoch: int | None = None  # the highest fencing epoch obeyed; kept in memory only
         self.config: dict[str, Any] = {
             "webhook": f"https://bots.example/{name}",
             "language": "en",
@@ -167,11 +170,30 @@ class SimulatedMaster:
             "region": self.region,
             "active": self.active,
             "duties": list(self.duties),
+            "epoch": self.epoch,
         }
+
+    # --- fencing epochs ------------------------------------------------------------------
+    def admit(self, epoch: int | None) -> None:
+        """Refuse a control call from a controller older than one already obeyed (409); a
+        call without an epoch comes from a controller that predates epochs and is let in."""
+        if epoch is not None and self.epoch is not None and epoch < self.epoch:
+            raise Reject(409, "stale epoch", {"epoch": self.epoch})
+
+    def obey(self, epoch: int | None) -> None:
+        """Admit the call and remember its epoch; called right before its effect, with no
+        await in between, so a newer controller's call can never be overtaken."""
+        self.admit(epoch)
+        if epoch is not None:
+            self.epoch = epoch if self.epoch is None else max(self.epoch, epoch)
 
     # --- state -------------------------------------------------------------------------
     def snapshot_json(self) -> str:
         """The snapshot as served: encoded once, for both the checksum and the body."""
+        return self.snapshot_and_checksum()[0]
+
+    def snapshot_and_checksum(self) -> tuple[str, str]:
+        """The snapshot as served and its checksum (also its ETag)."""
         body = _canonical(
             {
                 "master": self.name,
@@ -183,7 +205,7 @@ class SimulatedMaster:
             }
         )
         checksum = hashlib.sha256(body.encode()).hexdigest()
-        return f'{body[:-1]},"checksum":"{checksum}"}}'
+        return f'{body[:-1]},"checksum":"{checksum}"}}', checksum
 
     def snapshot(self) -> dict[str, Any]:
         """A detached copy: later messages do not change a snapshot already taken."""

@@ -392,6 +392,22 @@ class Store:
     def paused(self) -> bool:
         return bool(self.flag("paused", False))
 
+    # --- fencing epoch ------------------------------------------------------------------------
+    def next_epoch(self) -> int:
+        """Raise the persisted fencing epoch by one and return it, in one statement: called
+        once per start of the exporter, so a restarted exporter outranks a stale one that still
+        runs, and the number never goes down (docs/protocol.md, "Fencing epochs")."""
+        with self._lock:
+            rows = self._db.execute(
+                "INSERT INTO flags (name, value) VALUES ('epoch', '1') ON CONFLICT(name)"
+                " DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value"
+            ).fetchall()
+        return int(rows[0][0])
+
+    def epoch(self) -> int:
+        """The last epoch handed out by ``next_epoch``; 0 before the first start."""
+        return int(self.flag("epoch", 0))
+
     # --- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, master: str, ts: float, checksum: str, snapshot: bytes) -> None:
         """Keep ``snapshot`` (the raw JSON bytes as the master sent them) as the latest for
