@@ -54,6 +54,7 @@ class MasterRuntime:
         "probe_sum",
         "queue_length",
         "reported_active",
+        "reported_duties",
         "result_counts",
         "up",
     )
@@ -76,6 +77,7 @@ class MasterRuntime:
         self.cpu_percent: float | None = None
         self.memory_percent: float | None = None
         self.reported_active: bool | None = None  # what the master's /health says of itself
+        self.reported_duties: tuple[str, ...] | None = None  # the duties it says it serves
         self.bucket_counts = [0] * (len(PROBE_BUCKETS) + 1)  # last slot is +Inf only
         self.probe_sum = 0.0
         self.result_counts = [0] * len(RESULTS)
@@ -107,8 +109,12 @@ class MasterRuntime:
             self.memory_percent = payload.get("memory_percent", self.memory_percent)
             active = payload.get("active")
             self.reported_active = active if isinstance(active, bool) else None
+            duties = payload.get("duties")
+            self.reported_duties = tuple(duties) if isinstance(duties, list) else None
         else:
-            self.reported_active = None  # no answer is no evidence that it is (still) active
+            # no answer is no evidence that it is (still) active or serving anything
+            self.reported_active = None
+            self.reported_duties = None
         reason = str(outcome.result) + (f": {outcome.detail}" if outcome.detail else "")
         return self.health.observe(ok, outcome.degraded, reason, now)
 
