@@ -83,14 +83,15 @@ TOKENS = [
 ]
 
 
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+def key_paths(doc: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every key path of a parsed document, containers included."""
     yield prefix
     if isinstance(doc, dict):
         for key, value in doc.items():
-            yield from _paths(value, (*prefix, key))
+            yield from key_paths(value, (*prefix, key))
     elif isinstance(doc, list):
         for i, value in enumerate(doc):
-            yield from _paths(value, (*prefix, i))
+            yield from key_paths(value, (*prefix, i))
 
 
 def _nested(rng: random.Random, depth: int) -> Any:
@@ -116,7 +117,7 @@ def _value(rng: random.Random) -> Any:
 def gen_schema(rng: random.Random) -> bytes:
     doc = copy.deepcopy(FULL)
     for _ in range(rng.randint(1, 4)):
-        paths = list(_paths(doc))
+        paths = list(key_paths(doc))
         path = rng.choice(paths)
         how = rng.choice(["replace", "replace", "replace", "delete", "unknown", "repeat"])
         if not path:

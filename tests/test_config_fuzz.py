@@ -22,8 +22,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.fuzz_check_config import FULL, NASTY, key_paths
 from exporter.cli import main
-from exporter.config import Config, ConfigError, load_config, parse_config
+from exporter.config import Config, ConfigError, load_config
 
 FUZZ = settings(
     derandomize=True,
@@ -32,34 +33,6 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow],
     database=None,
 )
-
-#: Every section set, hooks and Alertmanager included, so that each key is a leaf to mutate.
-FULL: dict[str, Any] = parse_config({
-    "masters": [
-        {"name": "a", "url": "http://127.0.0.1:9201", "region": "uae", "priority": 1},
-        {"name": "b", "url": "http://127.0.0.1:9202", "region": "usa", "weight": 2},
-        {"name": "c", "url": "http://127.0.0.1:9203", "role": "standby",
-         "failover_regions": ["uae"]},
-    ],
-    "balancing": {"region_fallback": ["uae"]},
-    "failover": {
-        "pre_hook": {"url": "http://127.0.0.1:9300/pre", "body": '{"m": "{{ master }}"}'},
-        "post_hook": {"url": "http://127.0.0.1:9300/post"},
-    },
-    "alertmanager": {"url": "http://127.0.0.1:9093"},
-}).model_dump(mode="python", by_alias=True)
-
-NASTY: list[Any] = [
-    None, True, False, 0, -1, 1, 2**63, -(2**63), 10**400, -(10**400), 0.0, -0.0, 1e-320,
-    1e308, -1e308, math.nan, math.inf, -math.inf,
-    "", " ", "0", "0s", "-1s", "1ms", "99ms", "100ms", "5s", "1h30m", "7d", "8d",
-    "9" * 400 + "s", "1e400", "nan", ".inf", "10%", "-10%", "101%", "nan%", "1e400%",
-    "http://x", "HTTP://X:80/", "http://h:0", "http://h:99999", "http://[::1", "ftp://x",
-    "http://a b", "http://h\x00", "{{ x", "{% if %}", "{{ " + "(" * 300 + "1" + ")" * 300 + " }}",
-    "\x00", "\x1b[31m", "\u202e", "a" * 3000, "/health", "health", "round_robin", "active",
-    "standby", "manual", "auto", "never", "HA_EXPORTER_TOKEN", "BAD NAME",
-    [], {}, [1, [2, [3]]], {"x": {"y": 1}},
-]
 
 leaves = st.one_of(
     st.sampled_from(NASTY),
@@ -79,21 +52,10 @@ def _nested(depth: int) -> Any:
     return value
 
 
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    """Every key path of a parsed document, containers included."""
-    yield prefix
-    if isinstance(doc, dict):
-        for key, value in doc.items():
-            yield from _paths(value, (*prefix, key))
-    elif isinstance(doc, list):
-        for i, value in enumerate(doc):
-            yield from _paths(value, (*prefix, i))
-
-
 def _mutate(doc: Any, pick: int, how: str, value: Any) -> Any:
     """``doc`` with one change at the ``pick``-th path: replaced, deleted, given an unknown key,
     or (for masters) repeated with the same name or URL."""
-    paths = list(_paths(doc))
+    paths = list(key_paths(doc))
     path = paths[pick % len(paths)]
     if not path:
         return value if how == "replace" else doc
