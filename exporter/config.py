@@ -350,6 +350,9 @@ class FailoverConfig(_Strict):
     step_timeout: StepDuration = 5.0
     max_candidates: int = Field(default=3, ge=1, le=1000)
     max_concurrent: int = Field(default=2, ge=1, le=1000)
+    # the biggest GET /state read from a master (bytes): a larger or endless snapshot fails
+    # the read instead of exhausting the exporter's memory
+    max_state_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=1024 * 1024 * 1024)
     pre_hook: HookConfig | None = None
     post_hook: HookConfig | None = None
 

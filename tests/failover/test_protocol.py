@@ -4,25 +4,32 @@ reopen; a restarted exporter fences out the one it replaces."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from exporter.failover import protocol
 from exporter.failover.protocol import (
     EPOCH_HEADER,
+    FAILURE_KINDS,
     MasterCallError,
     MasterClient,
     StaleEpoch,
+    _canonical_chunks,
     parse_snapshot,
     snapshot_checksum,
 )
 from exporter.store.sqlite import Store
 from tests.failover.test_manager import Lab
-from tests.support import serve_app
+from tests.support import closed_port, serve_app
 
 SNAP: dict[str, Any] = {"master": "a", "sessions": {}, "pending_messages": [], "config": {}}
 SNAP["checksum"] = snapshot_checksum(SNAP)
@@ -155,3 +162,109 @@ async def test_an_undo_refused_for_a_stale_epoch_is_not_queued_for_retry(tmp_pat
             assert lab.sims["c"].active  # the stale controller changed nothing
         finally:
             await new.shutdown(2.0)
+
+
+# --- bounded reads, failure kinds, ETag ----------------------------------------------------
+
+
+def _state_app(body: bytes, etag: str | None, seen: list[str | None]) -> web.Application:
+    """GET /state answering ``body`` with ``etag``, 304 to a matching If-None-Match; ``seen``
+    gets the If-None-Match of every request."""
+
+    async def state(request: web.Request) -> web.Response:
+        asked = request.headers.get("If-None-Match")
+        seen.append(asked)
+        headers = {"ETag": etag} if etag else {}
+        if etag and asked == etag:
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/state", state)
+    return app
+
+
+async def test_a_conditional_read_gets_none_for_an_unchanged_state_and_the_snapshot_else():
+    seen: list[str | None] = []
+    tag = f'"{SNAP["checksum"]}"'
+    async with serve_app(_state_app(json.dumps(SNAP).encode(), tag, seen)) as url, \
+            aiohttp.ClientSession() as http:
+        client = MasterClient(http, 2.0)
+        snap = await client.get_state("a", url)
+        assert snap.etag == tag and snap.checksum == SNAP["checksum"]
+        assert await client.get_state_if_changed("a", url, tag) is None
+        again = await client.get_state_if_changed("a", url, '"older"')
+        assert again is not None and again.raw == snap.raw
+        assert seen == [None, tag, '"older"']
+
+
+@pytest.mark.parametrize("etag", ["*", "x" * 600, '"bad\ttag"'])
+async def test_an_etag_that_cannot_be_sent_back_is_ignored(etag):
+    async with serve_app(_state_app(json.dumps(SNAP).encode(), etag, [])) as url, \
+            aiohttp.ClientSession() as http:
+        assert (await MasterClient(http, 2.0).get_state("a", url)).etag is None
+
+
+async def test_a_304_to_an_unconditional_read_is_an_http_error():
+    async def not_modified(_: web.Request) -> web.Response:
+        return web.Response(status=304)
+
+    app = web.Application()
+    app.router.add_get("/state", not_modified)
+    async with serve_app(app) as url, aiohttp.ClientSession() as http:
+        with pytest.raises(MasterCallError) as failed:
+            await MasterClient(http, 2.0).get_state("a", url)
+    assert (failed.value.status, failed.value.kind) == (304, "http_error")
+
+
+async def test_every_failure_has_its_kind():
+    bad_sum = json.dumps({**SNAP, "checksum": "0" * 64}).encode()
+
+    async def answer(request: web.Request) -> web.Response:
+        case = request.match_info["case"]
+        if case == "hang":
+            await asyncio.sleep(10)
+        if case == "error":
+            return web.json_response({"error": "nope"}, status=503)
+        body = {"garbage": b"<html>", "checksum": bad_sum, "list": b"[1]"}[case]
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/{case}/state", answer)
+    async with serve_app(app) as url, aiohttp.ClientSession() as http:
+        client = MasterClient(http, 0.3)
+        kinds = {}
+        for case in ("hang", "error", "garbage", "checksum", "list"):
+            with pytest.raises(MasterCallError) as failed:
+                await client.get_state("a", f"{url}/{case}")
+            kinds[case] = failed.value.kind
+        with pytest.raises(MasterCallError) as refused:
+            await client.get_state("a", f"http://127.0.0.1:{closed_port()}")
+        with pytest.raises(MasterCallError) as not_json:
+            await client.state_json("a", f"{url}/garbage")
+    assert kinds == {"hang": "timeout", "error": "http_error", "garbage": "invalid",
+                     "checksum": "checksum", "list": "invalid"}
+    assert refused.value.kind == "connect_error"
+    assert not_json.value.kind == "invalid" and "not JSON" in not_json.value.reason
+    assert set(kinds.values()) | {"connect_error", "too_large"} == set(FAILURE_KINDS)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=7) | st.dictionaries(st.text(), inner, max_size=7),
+    max_leaves=40))
+def test_hashing_in_batches_is_the_canonical_json(value):
+    """Parsing hashes big objects and arrays batch by batch (batches of 2 here, so every
+    boundary case is reached): the bytes are those of one canonical encoding of the whole."""
+    whole = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    with mock.patch.object(protocol, "_BATCH", 2):
+        assert b"".join(_canonical_chunks(value)) == whole
+
+
+@pytest.mark.parametrize("n", [0, 1, 1023, 1024, 1025, 2049])
+def test_batches_of_the_real_size_are_the_canonical_json(n):
+    obj = {f"k{(i * 7919) % 5003}-{i}": {"i": i, "x": [i / 3, "é😀", None]} for i in range(n)}
+    for value in (obj, list(obj.values())):
+        whole = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+        assert b"".join(_canonical_chunks(value)) == whole
