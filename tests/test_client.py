@@ -13,7 +13,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from exporter.client import Client, DeliveryFailed, RequestRejected, RouteUnavailable
+from exporter.client import (
+    Client,
+    DeliveryFailed,
+    ReplayBuffer,
+    RequestRejected,
+    RouteUnavailable,
+)
 from exporter.config import BalancingConfig, MasterConfig
 from exporter.fleet import State
 from exporter.routing.router import NoRoute, Router
@@ -206,3 +212,257 @@ async def test_own_session_is_closed_and_arguments_are_checked() -> None:
         Client("http://x", attempts=0)
     with pytest.raises(ValueError):
         Client("http://x", timeout=0)
+
+
+# ---- replay after a failover ----------------------------------------------------------------
+
+
+def test_replay_buffer_gives_back_exactly_what_a_watermark_does_not_cover() -> None:
+    buf = ReplayBuffer(max_messages=100, max_bytes=10_000)
+    for i, seq in enumerate([1, 2, 3, 4, 5, None]):
+        buf.add(f"m{i}", seq, f"body-{i}".encode())
+    assert [mid for mid, _ in buf.above(3)] == ["m3", "m4", "m5"]  # seq 4, 5 and unnumbered
+    assert [mid for mid, _ in buf.above(None)] == [f"m{i}" for i in range(6)]
+    assert buf.above(5) == [("m5", b"body-5")]
+    buf.add("m1", 9, b"body-1")  # acknowledged again, numbered higher: moves to the end
+    assert [mid for mid, _ in buf.above(3)] == ["m3", "m4", "m5", "m1"]
+    buf.add("m4", None, b"body-4")  # an unnumbered acknowledgement is never known covered
+    assert [mid for mid, _ in buf.above(100)] == ["m5", "m4"]
+    assert buf.settle(3, done={"m3"}) == 0  # nothing was dropped
+    assert [mid for mid, _ in buf.above(None)] == ["m5", "m1", "m4"]
+    assert len(buf) == 3 and buf.bytes == len(b"body-5") * 3
+
+
+def test_replay_buffer_honours_its_caps_and_counts_what_it_drops() -> None:
+    buf = ReplayBuffer(max_messages=3, max_bytes=1000)
+    for seq in range(1, 9):
+        buf.add(f"m{seq}", seq, b"x" * 10)
+    assert [mid for mid, _ in buf.above(None)] == ["m6", "m7", "m8"]
+    assert (len(buf), buf.bytes, buf.dropped) == (3, 30, 5)
+    assert buf.settle(5, done=set()) == 0  # every dropped one (seq 1..5) is covered by 5
+    assert len(buf) == 3  # seq 6..8 are above 5: kept until re-sent
+
+    small = ReplayBuffer(max_messages=100, max_bytes=25)
+    for seq in range(1, 5):
+        small.add(f"m{seq}", seq, b"y" * 10)
+    assert [mid for mid, _ in small.above(None)] == ["m3", "m4"] and small.bytes == 20
+    small.add("huge", 5, b"z" * 26)  # larger than the cap alone: never held
+    assert (len(small), small.bytes, small.dropped) == (0, 0, 5)
+    # five dropped since the last failover, the highest numbered 5 > 3: up to five are lost
+    assert small.settle(3, done=set()) == 5
+    assert small.settle(3, done=set()) == 0  # counted once
+
+
+@dataclass
+class ReplayExporter:
+    """The exporter's route API (always ``target``), failover records and master entries."""
+
+    urls: dict[str, str] = field(default_factory=dict)
+    target: str = "m0"
+    failovers: list[dict] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/api/v1/route", self.route)
+        app.router.add_post("/api/v1/route/report", self.report)
+        app.router.add_get("/api/v1/failovers", self.records)
+        app.router.add_get("/api/v1/masters/{name}", self.master)
+        return app
+
+    async def route(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"master": self.target, "url": self.urls[self.target], "strategy": "fixed"}
+        )
+
+    async def report(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def records(self, request: web.Request) -> web.Response:
+        limit = int(request.query["limit"])
+        before = int(request.query.get("before", 2**62))
+        items = sorted((r for r in self.failovers if r["id"] < before), key=lambda r: -r["id"])
+        more = len(items) > limit
+        return web.json_response(
+            {"items": items[:limit], "next_before": items[limit - 1]["id"] if more else None}
+        )
+
+    async def master(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.urls:
+            return web.json_response({"error": "no such master"}, status=404)
+        return web.json_response({"name": name, "url": self.urls[name]})
+
+    def fail(self, source: str, backup: str, result: str = "success", **extra: object) -> None:
+        record = {"id": len(self.failovers) + 1, "master": source, "backup": backup,
+                  "result": result, "kind": "failover", "finished": 1.0, **extra}
+        self.failovers.append(record)
+
+
+@dataclass
+class NumberingMaster:
+    """Numbers what it accepts (dedupe by id, the first number kept) and reports ``marks`` as
+    its imported watermarks; ``refuse`` ids are answered 400."""
+
+    marks: object = None
+    seq: int = 0
+    numbers: dict[str, int] = field(default_factory=dict)
+    posted: list[str] = field(default_factory=list)
+    refuse: set[str] = field(default_factory=set)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/messages", self.messages)
+        app.router.add_get("/health", self.health)
+        return app
+
+    async def messages(self, request: web.Request) -> web.Response:
+        mid = (await request.json())["id"]
+        self.posted.append(mid)
+        if mid in self.refuse:
+            return web.json_response({"error": "no"}, status=400)
+        if mid not in self.numbers:
+            self.seq += 1
+            self.numbers[mid] = self.seq
+        return web.json_response({"accepted": True, "seq": self.numbers[mid]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        body: dict = {"status": "ok"}
+        if self.marks is not None:
+            body["imported_watermarks"] = self.marks
+        return web.json_response(body)
+
+
+@asynccontextmanager
+async def replay_fleet(
+    n: int = 2, **client_args: int
+) -> AsyncIterator[tuple[ReplayExporter, list[NumberingMaster], Client]]:
+    """Masters m0..; the client's watch checks only when told (sync), after its baseline."""
+    async with AsyncExitStack() as stack:
+        exporter, masters = ReplayExporter(), [NumberingMaster() for _ in range(n)]
+        for i, m in enumerate(masters):
+            exporter.urls[f"m{i}"] = await stack.enter_async_context(serve_app(m.app()))
+        base = await stack.enter_async_context(serve_app(exporter.app()))
+        client = await stack.enter_async_context(Client(base, sync_interval=3600, **client_args))
+        yield exporter, masters, client
+
+
+async def test_a_failover_re_sends_exactly_what_the_backup_lacks() -> None:
+    async with replay_fleet() as (exporter, (_m0, m1), client):
+        exporter.fail("m0", "m1")  # an old record: before the client held anything
+        for i in range(6):
+            await client.send({"id": f"a{i}"})
+        assert await client.sync() == 0  # the baseline: the old record is not replayed
+        assert m1.posted == []
+        m1.marks = {"m0": 4, "other": 99}
+        exporter.fail("m0", "m1")
+        assert await client.sync() == 2
+        assert m1.posted == ["a4", "a5"]  # seq 5 and 6, above the watermark 4
+        assert client.stats()["held"] == {"m0": 0, "m1": 2}
+        assert client.replayed == {"m0": 2}
+        assert await client.sync() == 0 and m1.posted == ["a4", "a5"]  # dealt with once
+
+
+@pytest.mark.parametrize("marks", [None, {}, {"m0": "4"}, {"m0": -1}, {"m0": 2**60},
+                                   {"m0": True}, {"m0": 4.0}, ["m0", 4]])
+async def test_without_a_valid_watermark_everything_held_is_re_sent(marks: object) -> None:
+    async with replay_fleet() as (exporter, (_m0, m1), client):
+        for i in range(3):
+            await client.send({"id": f"b{i}"})
+        await client.sync()
+        m1.marks = marks
+        exporter.fail("m0", "m1")
+        assert await client.sync() == 3
+        assert m1.posted == ["b0", "b1", "b2"]
+
+
+async def test_unnumbered_acknowledgements_are_always_re_sent() -> None:
+    async with replay_fleet() as (exporter, (m0, m1), client):
+        await client.send({"id": "c0"})
+        m0.seq = 2**53  # the next number would be out of range: not trusted
+        await client.send({"id": "c1"})
+        await client.sync()
+        m1.marks = {"m0": 10**6}
+        exporter.fail("m0", "m1")
+        assert await client.sync() == 1 and m1.posted == ["c1"]
+
+
+async def test_only_finished_successful_failovers_and_switchovers_replay() -> None:
+    async with replay_fleet(3) as (exporter, (_m0, m1, m2), client):
+        for i in range(2):
+            await client.send({"id": f"d{i}"})
+        await client.sync()
+        m1.marks = m2.marks = {"m0": 0}
+        exporter.fail("m0", "m2", result="no_candidate")
+        exporter.fail("m0", "m2", kind="failback")
+        exporter.fail("m0", "m1", finished=None, result="in_progress")  # still running
+        assert await client.sync() == 0 and m1.posted == m2.posted == []
+        exporter.failovers[-1].update(finished=2.0, result="success", kind="switchover")
+        assert await client.sync() == 2 and m1.posted == ["d0", "d1"]
+
+
+async def test_an_unreachable_backup_is_tried_again_and_a_refusal_is_counted() -> None:
+    async with replay_fleet() as (exporter, (_m0, m1), client):
+        for i in range(3):
+            await client.send({"id": f"e{i}"})
+        await client.sync()
+        real = exporter.urls["m1"]
+        exporter.urls["m1"] = f"http://127.0.0.1:{closed_port()}"
+        exporter.fail("m0", "m1")
+        assert await client.sync() == 0  # cannot read the backup's watermark: nothing lost
+        assert client.stats()["held"]["m0"] == 3
+        exporter.urls["m1"] = real
+        m1.marks, m1.refuse = {"m0": 1}, {"e2"}
+        assert await client.sync() == 1
+        assert m1.posted == ["e1", "e2"]
+        assert client.replayed == {"m0": 1} and client.replay_refused == {"m0": 1}
+        assert client.stats()["held"]["m0"] == 0
+
+
+async def test_the_cap_bounds_memory_and_a_gap_is_reported() -> None:
+    async with replay_fleet(replay_max_messages=4) as (exporter, (_m0, m1), client):
+        for i in range(10):
+            await client.send({"id": f"f{i}"})
+        stats = client.stats()
+        assert stats["held"] == {"m0": 4} and stats["dropped"] == {"m0": 6}
+        assert stats["held_bytes"] == {"m0": 4 * len(b'{"id": "f0"}')}
+        await client.sync()
+        m1.marks = {"m0": 5}  # seq 6 (f5) was dropped and is above the watermark
+        exporter.fail("m0", "m1")
+        assert await client.sync() == 4
+        assert m1.posted == ["f6", "f7", "f8", "f9"]
+        assert client.at_risk == {"m0": 6}  # an upper bound: the six dropped
+
+
+async def test_records_are_read_back_to_the_cursor_across_pages() -> None:
+    async with replay_fleet(3) as (exporter, (_m0, m1, _m2), client):
+        await client.send({"id": "g0"})
+        await client.sync()
+        m1.marks = {"m0": 0}
+        exporter.fail("m0", "m1")  # the oldest new record, two and a half pages back
+        for _ in range(120):
+            exporter.fail("m2", "m1")  # nothing held for m2: nothing to do
+        assert await client.sync() == 1 and m1.posted == ["g0"]
+
+
+async def test_a_restarted_failover_history_is_still_followed() -> None:
+    async with replay_fleet() as (exporter, (_m0, m1), client):
+        for _ in range(5):
+            exporter.fail("m2", "m1")
+        await client.send({"id": "h0"})
+        await client.sync()  # the cursor is at 5
+        exporter.failovers.clear()  # a new state file: ids start at 1 again
+        m1.marks = {"m0": 0}
+        exporter.fail("m0", "m1")
+        assert await client.sync() == 1 and m1.posted == ["h0"]
+
+
+async def test_an_oversized_or_garbled_holder_answer_is_not_trusted() -> None:
+    async with replay_fleet() as (exporter, (_m0, m1), client):
+        await client.send({"id": "i0"})
+        await client.sync()
+        m1.marks = {"m0": 0, "pad": "x" * (1 << 20)}  # /health above the 1 MiB read cap
+        exporter.fail("m0", "m1")
+        assert await client.sync() == 0 and m1.posted == []
+        assert client.stats()["held"]["m0"] == 1  # kept: tried again at the next check
+        m1.marks = {"m0": 0}
+        assert await client.sync() == 1 and m1.posted == ["i0"]

@@ -32,6 +32,9 @@ _COUNT: Schema = {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}
 _PERCENT: Schema = {"type": "number", "minimum": 0, "maximum": 100}
 _DUTIES: Schema = {"type": "array", "items": ref("Name"), "maxItems": MAX_DUTIES,
                    "uniqueItems": True}
+_WATERMARK = ("Optional (docs/protocol.md, 'Watermarks'): the highest message sequence number "
+              "whose message this snapshot holds (pending, or processed into its state): "
+              "every message numbered up to it is covered.")
 
 SCHEMAS: dict[str, Schema] = {
     "Name": {
@@ -47,6 +50,11 @@ SCHEMAS: dict[str, Schema] = {
     "Epoch": {
         "type": "integer", "minimum": 0, "maximum": MAX_EPOCH,
         "description": "A controller's fencing epoch: it only grows.",
+    },
+    "Watermark": {
+        "type": "integer", "minimum": 0, "maximum": MAX_COUNT,
+        "description": "A message sequence number: a master numbers the messages it accepts "
+                       "1, 2, 3, ... and never reuses a number while its state lives.",
     },
     "Health": {
         "type": "object",
@@ -70,6 +78,16 @@ SCHEMAS: dict[str, Schema] = {
             "region": {"type": "string"},
             "epoch": {"anyOf": [ref("Epoch"), {"type": "null"}],
                       "description": "The highest fencing epoch obeyed; null before any."},
+            "watermark": {"anyOf": [ref("Watermark"), {"type": "null"}],
+                          "description": "Optional: the highest sequence number given to "
+                                         "a message so far (0 before any)."},
+            "imported_watermarks": {
+                "type": ["object", "null"], "additionalProperties": ref("Watermark"),
+                "propertyNames": ref("Name"), "maxProperties": MAX_DUTIES,
+                "description": "Optional: the watermark of each imported snapshot that "
+                               "carries one, by the name of the master it came from. A "
+                               "producer reads it after a failover to re-send what that "
+                               "master acknowledged above it."},
         },
     },
     "Session": {"type": "object", "description": "Opaque to the exporter."},
@@ -81,7 +99,10 @@ SCHEMAS: dict[str, Schema] = {
         "description": "An imported snapshot as the master keeps it; its checksum is one of "
                        "the two an import may answer.",
         "required": ["checksum"],
-        "properties": {"checksum": ref("Checksum")},
+        "properties": {"checksum": ref("Checksum"),
+                       "watermark": {**ref("Watermark"),
+                                     "description": "The source's watermark, kept as "
+                                                    "received."}},
     },
     "Snapshot": {
         "type": "object",
@@ -98,6 +119,7 @@ SCHEMAS: dict[str, Schema] = {
             "imported": {"type": "object", "additionalProperties": ref("ImportedSnapshot"),
                          "description": "Snapshots imported from other masters, by the name "
                                         "of the master they came from."},
+            "watermark": {**ref("Watermark"), "description": _WATERMARK},
             "checksum": ref("Checksum"),
         },
     },

@@ -190,12 +190,14 @@ def create_app(master: SimulatedMaster) -> web.Application:
     async def post_message(request: web.Request) -> web.Response:
         if not master.active:
             raise Reject(503, "inactive")
+        message = await _json_body(request)
         try:
-            fresh = master.accept(await _json_body(request))
+            fresh = master.accept(message)
         except ValueError as exc:
             raise Reject(400, str(exc)) from None
         return web.json_response(
-            {"accepted": True, "duplicate": not fresh}, status=202 if fresh else 200
+            {"accepted": True, "duplicate": not fresh, "seq": master.seq_of(message["id"])},
+            status=202 if fresh else 200,
         )
 
     async def get_messages(_: web.Request) -> web.Response:

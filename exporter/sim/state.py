@@ -32,6 +32,7 @@ _SNAPSHOT_TYPES: dict[str, type | tuple[type, ...]] = {
     "pending_messages": list,
     "checksum": str,
 }
+MAX_SEQ = 2**53  # watermarks stay exact in readers that parse JSON numbers as doubles
 _COUNTRY = {"uae": "+9715", "usa": "+1202"}
 _EPOCH = 1_735_689_600  # 2025-01-01: seeded sessions look real and stay deterministic
 
@@ -49,6 +50,15 @@ def snapshot_checksum(snapshot: dict[str, Any]) -> str:
 
 def _clamp(value: float, low: float = 0.0, high: float = 100.0) -> float:
     return max(low, min(high, value))
+
+
+def watermark_of(snapshot: dict[str, Any]) -> int | None:
+    """A snapshot's ``watermark`` when it is a valid one (an integer 0..2**53); anything else
+    is no watermark, so a reader replays everything rather than trust a bad number."""
+    value = snapshot.get("watermark")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        return None
+    return value
 
 
 def _message_id(value: Any) -> str | None:
@@ -98,8 +108,10 @@ class SimulatedMaster:
         self.stopping = False  # set on shutdown: hung requests let go
         self.pending: list[dict[str, Any]] = []
         self.accepted: list[str] = []
-        self._seen: set[str] = set()
+        self.seq = 0  # the highest sequence number given to an accepted message
+        self._seen: dict[str, int] = {}  # message id -> its sequence number
         self.imported: dict[str, dict[str, Any]] = {}
+        self._imported_ids: dict[str, frozenset[str]] = {}  # pending ids of each import
         self.epoch: int | None = None  # the highest fencing epoch obeyed; kept in memory only
         self.config: dict[str, Any] = {
             "webhook": f"https://bots.example/{name}",
@@ -171,7 +183,14 @@ class SimulatedMaster:
             "active": self.active,
             "duties": list(self.duties),
             "epoch": self.epoch,
+            "watermark": self.seq,
+            "imported_watermarks": self.imported_watermarks(),
         }
+
+    def imported_watermarks(self) -> dict[str, int]:
+        """The watermark of each imported snapshot that carries a valid one."""
+        marks = {src: watermark_of(snap) for src, snap in self.imported.items()}
+        return {src: mark for src, mark in marks.items() if mark is not None}
 
     # --- fencing epochs ------------------------------------------------------------------
     def admit(self, epoch: int | None) -> None:
@@ -202,6 +221,7 @@ class SimulatedMaster:
                 "pending_messages": self.pending,
                 "config": self.config,
                 "imported": self.imported,
+                "watermark": self.seq,
             }
         )
         checksum = hashlib.sha256(body.encode()).hexdigest()
@@ -230,23 +250,32 @@ class SimulatedMaster:
 
     def import_snapshot(self, snap: Any, checksum: str | None = None) -> str:
         """Keep another master's snapshot, as received, under its name: importing it twice
-        keeps one copy, and the checksum answered is that of what is stored."""
+        keeps one copy, and the checksum answered is that of what is stored. Its pending ids
+        count as seen, so a producer replaying that master's messages cannot get one taken
+        twice."""
         stored = checksum or self.verify_snapshot(snap)
         self.imported[snap["master"]] = snap
+        ids = (_message_id(m.get("id")) for m in snap["pending_messages"] if isinstance(m, dict))
+        self._imported_ids[snap["master"]] = frozenset(i for i in ids if i is not None)
         return stored
 
     def drop_import(self, source: str) -> bool:
+        self._imported_ids.pop(source, None)
         return self.imported.pop(source, None) is not None
 
     # --- messages and duties -------------------------------------------------------------
     def accept(self, message: dict[str, Any]) -> bool:
-        """Take a message; False when its id was seen before (masters dedupe by id)."""
+        """Take a message and number it (:meth:`seq_of`); False when its id was seen before,
+        taken here or pending in an imported snapshot (masters dedupe by id)."""
         mid = _message_id(message.get("id"))
         if mid is None:
             raise ValueError("message needs an id (a non-empty string)")
-        if mid in self._seen:
+        if mid in self._seen or any(mid in ids for ids in self._imported_ids.values()):
             return False
-        self._seen.add(mid)
+        if self.seq >= MAX_SEQ:
+            raise ValueError("message sequence numbers exhausted")
+        self.seq += 1
+        self._seen[mid] = self.seq
         self.accepted.append(mid)
         self.pending.append(message)
         chat = _message_id(message.get("chat", message.get("session")))
@@ -258,6 +287,12 @@ class SimulatedMaster:
             session["messages"] = session.get("messages", 0) + 1
             session["last_seen"] = now
         return True
+
+    def seq_of(self, message_id: Any) -> int | None:
+        """The sequence number this master gave the message; None when it holds the message
+        only in an imported snapshot (numbered by the master it came from) or not at all."""
+        mid = _message_id(message_id)
+        return None if mid is None else self._seen.get(mid)
 
     def activate(self, taken_over: str | None = None) -> dict[str, Any]:
         """Serve, holding ``taken_over``'s duty (or, with none, its own)."""

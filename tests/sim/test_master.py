@@ -164,11 +164,11 @@ async def test_messages_are_idempotent_by_id(pair):
     _, _, ua, _, http = pair
     assert await call(http, "POST", f"{ua}/messages", {"id": "x1", "text": "hi"}) == (
         202,
-        {"accepted": True, "duplicate": False},
+        {"accepted": True, "duplicate": False, "seq": 1},
     )
     assert await call(http, "POST", f"{ua}/messages", {"id": "x1", "text": "hi"}) == (
         200,
-        {"accepted": True, "duplicate": True},
+        {"accepted": True, "duplicate": True, "seq": 1},
     )
     await call(http, "POST", f"{ua}/messages", {"id": "x2"})
     assert await call(http, "GET", f"{ua}/messages") == (200, {"ids": ["x1", "x2"], "count": 2})
@@ -193,8 +193,10 @@ async def test_state_transfer_round_trip(pair):
         "pending_messages",
         "config",
         "imported",
+        "watermark",
         "checksum",
     }
+    assert snap["watermark"] == 1
 
     status, stored = await call(http, "POST", f"{ub}/state", snap)
     assert (status, stored) == (200, {"checksum": snap["checksum"], "master": "master-a"})

@@ -64,11 +64,16 @@ async def test_zero_loss_across_a_real_failover(
     """5,000 messages through exporter.client while the active master-a is SIGKILLed.
 
     "Delivered" means a master answered 2xx to POST /messages (the client returned success).
+    "Processed" means taken into a live master's state: in master-b's or master-c's accepted
+    set (GET /messages), or pending in master-a's transferred checkpoint (master-c imported it
+    and serves master-a's duty); a copy held only in dead master-a's memory is not processed.
     Asserted: every send is acknowledged (0 lost from the producer's view); every id a live
     master acknowledged is in that master's GET /messages; the failover to master-c succeeded
     and master-c says it is active with master-a's duty; no routing decision requested after
-    the failover started named master-a. Reported, not asserted: duplicates, and how many of
-    master-a's acknowledged ids the transferred checkpoint does not hold (see the summary)."""
+    the failover started named master-a; the checkpoint's watermark splits master-a's
+    acknowledgements exactly (seq <= watermark: in the checkpoint; above: not); the client
+    re-sent exactly those above it to master-c, so every acknowledged id is processed (0 lost,
+    master-a's acknowledgements after its checkpoint included) and none is processed twice."""
     fleet = await stack(
         [
             ("master-a", "uae", "active", 1),
@@ -88,6 +93,7 @@ async def test_zero_loss_across_a_real_failover(
         },
     )
     acked: dict[str, str] = {}  # id -> master that answered 2xx
+    seqs: dict[str, Any] = {}  # id -> the seq master-a gave it
     attempts: Counter[int] = Counter()
     failures: dict[str, str] = {}
     killed_at: float | None = None  # wall clock, comparable with the exporter's records
@@ -124,6 +130,8 @@ async def test_zero_loss_across_a_real_failover(
                     failures[mid] = str(exc)
                     return
             acked[mid] = res["master"]
+            if res["master"] == "master-a":
+                seqs[mid] = res["response"].get("seq")
             attempts[res["attempts"]] += 1
             if len(acked) >= KILL_AFTER and killed_at is None:
                 fleet.masters["master-a"].kill(signal.SIGKILL)
@@ -136,6 +144,12 @@ async def test_zero_loss_across_a_real_failover(
             await asyncio.wait_for(producer, 60)
             elapsed, ended = time.monotonic() - t0, time.time()
             appeared, record = await watcher
+
+            async def replayed_all() -> bool:  # the client's own watch may have done it already
+                await client.sync()
+                return client.stats()["held"].get("master-a", 0) == 0
+
+            await wait_for(replayed_all, 30, "the replay of master-a's acknowledgements", 0.2)
         finally:
             watcher.cancel()
 
@@ -162,22 +176,29 @@ async def test_zero_loss_across_a_real_failover(
             holders.setdefault(mid, set()).add(name)
     imported = (await get_json(http, f"{fleet.urls['master-c']}/state"))["imported"]
     checkpoint = {m["id"] for m in imported["master-a"]["pending_messages"]}
+    watermark = imported["master-a"]["watermark"]
 
     on_a = {mid for mid, m in acked.items() if m == "master-a"}
+    processed = Counter({mid: len(live) for mid, live in holders.items()})  # b and c
+    processed.update(checkpoint)  # master-c holds these in its import of master-a's state
     for mid in on_a | checkpoint:  # what master-a is known to have accepted
         holders.setdefault(mid, set()).add("master-a")
     lost = TOTAL - len(acked)
     missing = sorted(
         mid for mid, m in acked.items() if m != "master-a" and m not in holders.get(mid, ())
     )
-    duplicates = sorted(mid for mid, h in holders.items() if len(h) > 1)
     uncovered = on_a - checkpoint
+    unprocessed = sorted(mid for mid in acked if processed[mid] == 0)
+    duplicates = sorted(mid for mid, n in processed.items() if n > 1)
+    replayed = client.replayed["master-a"]
     print(
         f"\nzero-loss: sent {TOTAL}, acknowledged {len(acked)}, lost {lost}, "
-        f"duplicates {len(duplicates)}; acknowledged by master-a {len(on_a)}: "
-        f"{len(on_a & checkpoint)} in the transferred checkpoint "
-        f"(age {fetch['detail'].get('checkpoint_age', float('nan')):.2f}s at the fetch), "
-        f"{len(uncovered)} acknowledged after it (held only in master-a's memory); "
+        f"processed nowhere {len(unprocessed)}, processed twice {len(duplicates)}; "
+        f"acknowledged by master-a {len(on_a)}: "
+        f"{len(on_a & checkpoint)} in the transferred checkpoint (watermark {watermark}, "
+        f"age {fetch['detail'].get('checkpoint_age', float('nan')):.2f}s at the fetch), "
+        f"{len(uncovered)} acknowledged after it, {replayed} re-sent to master-c "
+        f"(client stats {client.stats()}); "
         f"kill -> failover started "
         f"{record['started'] - killed_at:.2f}s, success {record['finished'] - killed_at:.2f}s "
         f"(seen by the test {appeared - killed_at:.2f}s); {len(routed_after)} routing decisions "
@@ -186,12 +207,20 @@ async def test_zero_loss_across_a_real_failover(
         f"{dict(sorted(attempts.items()))}; {elapsed:.1f}s in all"
     )
     if duplicates:
-        print("duplicates:", {mid: sorted(holders[mid]) for mid in duplicates[:10]})
+        print("processed twice:", {mid: sorted(holders[mid]) for mid in duplicates[:10]})
     assert not failures, list(failures.items())[:5]
     assert lost == 0
     assert not missing, missing[:5]  # every ack by a live master is in its own record
     # the checkpoint holds only ids that were sent; one acknowledged elsewhere is a duplicate
     assert checkpoint <= acked.keys(), sorted(checkpoint - acked.keys())[:5]
+    # the watermark is exact: it splits master-a's acknowledgements at the checkpoint
+    assert isinstance(watermark, int) and all(isinstance(seqs[mid], int) for mid in on_a)
+    assert {mid for mid in on_a if seqs[mid] <= watermark} == on_a & checkpoint
+    assert {mid for mid in on_a if seqs[mid] > watermark} == uncovered
+    assert replayed == len(uncovered), (replayed, len(uncovered))  # exactly those re-sent
+    assert uncovered <= holders.keys() and all("master-c" in holders[m] for m in uncovered)
+    assert not unprocessed, unprocessed[:5]  # 0 lost, acknowledged-but-not-checkpointed too
+    assert not duplicates, duplicates[:5]
 
 
 # ---- 2. rebalancing -------------------------------------------------------------------------
