@@ -73,6 +73,7 @@ async def serve_until_signalled(
 
 def cmd_run(args: argparse.Namespace) -> int:
     from exporter.service import Service
+    from exporter.store import StoreError
 
     cfg = _load(args.config)
     if cfg is None:
@@ -99,7 +100,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     if token is None:
         log.warning("running with --insecure-no-auth: mutating endpoints accept any caller")
-    service = Service(cfg, args.config, token=token, insecure_no_auth=args.insecure_no_auth)
+    try:
+        service = Service(cfg, args.config, token=token, insecure_no_auth=args.insecure_no_auth)
+    except StoreError as exc:  # missing, read-only, a directory, corrupt: one line, no traceback
+        print(f"refusing to start: state_path {exc}", file=sys.stderr)
+        return 2
     log.info("%s", summary(cfg))
     asyncio.run(serve_until_signalled(service, args.host, args.port))
     return 0

@@ -66,7 +66,8 @@ class DutyTable:
         self._derive()
 
     def move(self, duties: Iterable[str], holder: str, since: float, move_id: int) -> None:
-        """``holder`` now holds ``duties`` (persisted first, then roles re-derived)."""
+        """``holder`` now holds ``duties`` (persisted first, or kept in the store's memory while
+        its file fails; then roles re-derived)."""
         duties = list(duties)
         self._store.move_duties(duties, holder, since, move_id)
         for duty in duties:

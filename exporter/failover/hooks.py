@@ -111,23 +111,32 @@ def alert_payload(record: Mapping[str, Any],
     return [alert]
 
 
-async def post_alert(session: aiohttp.ClientSession, am: AlertmanagerConfig,
+async def send_alert(session: aiohttp.ClientSession, am: AlertmanagerConfig,
                      record: Mapping[str, Any], timeout: float = 5.0,
-                     generator_url: str | None = None) -> bool:
-    """Best effort POST {url}/api/v2/alerts; False (and a log line) on any error."""
+                     generator_url: str | None = None) -> None:
+    """POST {url}/api/v2/alerts; raise HookError saying why unless it answers 2xx."""
     url = am.url.rstrip("/") + "/api/v2/alerts"
     try:
         async with asyncio.timeout(timeout):
             async with session.post(url, json=alert_payload(record, generator_url)) as resp:
                 if resp.status >= 300:
                     text = (await resp.read())[:200].decode("utf-8", "replace")
-                    log.warning("alertmanager %s answered HTTP %d: %s", url, resp.status, text,
-                                extra={"event": "alertmanager_post", "ok": False})
-                    return False
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        log.warning("alertmanager %s unreachable: %s", url, exc or type(exc).__name__,
-                    extra={"event": "alertmanager_post", "ok": False})
-        return False
+                    raise HookError(f"alertmanager {url} answered HTTP {resp.status}: {text}")
+    except TimeoutError:
+        raise HookError(f"alertmanager {url} unreachable: timeout after {timeout:g}s") from None
+    except aiohttp.ClientError as exc:
+        raise HookError(f"alertmanager {url} unreachable: {exc or type(exc).__name__}") from None
     log.info("failover %s posted to alertmanager", record.get("id"),
              extra={"event": "alertmanager_post", "ok": True, "master": record.get("master")})
+
+
+async def post_alert(session: aiohttp.ClientSession, am: AlertmanagerConfig,
+                     record: Mapping[str, Any], timeout: float = 5.0,
+                     generator_url: str | None = None) -> bool:
+    """Best effort ``send_alert``; False (and a log line) on any error."""
+    try:
+        await send_alert(session, am, record, timeout, generator_url)
+    except HookError as exc:
+        log.warning("%s", exc, extra={"event": "alertmanager_post", "ok": False})
+        return False
     return True

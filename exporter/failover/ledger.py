@@ -23,9 +23,15 @@ from typing import Any, cast
 
 from exporter.failover.moves import Move
 from exporter.failover.notify import Notifier
-from exporter.failover.records import CandidateEntry, FailoverRecord, PlannedStep, as_rows
+from exporter.failover.records import (
+    CandidateEntry,
+    FailoverRecord,
+    PlannedStep,
+    StepEntry,
+    as_rows,
+)
 from exporter.failover.stats import FailoverStats
-from exporter.store.sqlite import Store
+from exporter.store.sqlite import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +44,25 @@ class Ledger:
         self.stats = stats
         self.notifier = notifier
 
-    def load(self, failover_id: int) -> FailoverRecord:
-        row = self.store.get_failover(failover_id)
-        assert row is not None, f"failover #{failover_id} is not in the store"
+    def load(self, failover_id: int, fallback: FailoverRecord | None = None) -> FailoverRecord:
+        """The stored record; ``fallback`` (the record as built in memory) if the store cannot
+        be read now, so a move never fails on its own bookkeeping."""
+        try:
+            row = self.store.get_failover(failover_id)
+        except StoreError:
+            row = None
+        if row is None:
+            assert fallback is not None, f"failover #{failover_id} is not in the store"
+            return fallback
         return cast(FailoverRecord, row)
 
     def finish(self, move: Move, result: str, why: str) -> FailoverRecord:
         """Close the move's row (and its journal) with ``result``; audit, count, notify."""
         duration = time.monotonic() - move.t0
         candidates = move.ranking.candidates if move.ranking else []
-        self.store.finish_failover(move.id, result, move.backup, time.time(), duration,
-                                   as_rows(move.steps), as_rows(candidates),
-                                   f"{move.reason}; {why}")
+        finished, reason = time.time(), f"{move.reason}; {why}"
+        self.store.finish_failover(move.id, result, move.backup, finished, duration,
+                                   as_rows(move.steps), as_rows(candidates), reason)
         self.stats.record(move.master, result, duration)
         self.store.audit(move.actor, move.kind, move.master, {
             "failover_id": move.id, "result": result, "backup": move.backup, "why": why})
@@ -59,7 +72,11 @@ class Ledger:
                 extra={"event": "failover_result", "failover_id": move.id,
                        "master": move.master, "backup": move.backup, "result": result,
                        "duration_seconds": round(duration, 6)})
-        record = self.load(move.id)
+        record = self.load(move.id, {
+            "id": move.id, "started": move.started, "finished": finished, "master": move.master,
+            "backup": move.backup, "result": result, "trigger": move.trigger, "reason": reason,
+            "duration": duration, "steps": list(move.steps), "candidates": list(candidates),
+            "kind": move.kind})
         self.notifier.notify(record)
         return record
 
@@ -68,14 +85,19 @@ class Ledger:
                     candidates: list[CandidateEntry] | None = None, kind: str = "failover",
                     duration: float = 0.0) -> FailoverRecord:
         """A move that did not run: one closed row, counted without a duration."""
-        fid = self.store.record_failover(master, result, trigger, reason, time.time(), backup,
+        started = time.time()
+        fid = self.store.record_failover(master, result, trigger, reason, started, backup,
                                          duration, as_rows(steps or []),
                                          as_rows(candidates or []), kind)
         self.stats.record(master, result, None)
         log.warning("failover of %s: %s (%s)", master, result, reason,
                     extra={"event": "failover_result", "master": master, "result": result,
                            "failover_id": fid, "backup": backup})
-        return self.load(fid)
+        return self.load(fid, {
+            "id": fid, "started": started, "finished": started + duration, "master": master,
+            "backup": backup, "result": result, "trigger": trigger, "reason": reason,
+            "duration": duration, "steps": cast(list[StepEntry], list(steps or [])),
+            "candidates": list(candidates or []), "kind": kind})
 
     def close_unrecoverable(self, row: dict[str, Any], why: str) -> None:
         """Close a row crash recovery could not handle as failed, so it is never retried."""

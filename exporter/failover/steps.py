@@ -1,10 +1,11 @@
 """Step plumbing of a move: journal before, bound while running, time and log after.
 
 The journal entry is committed before the step runs so that crash recovery knows what may have
-happened. A forward step is bounded twice: by the step timeout (a step failure: the candidate is
-rolled back, the next one tried) and by the move's deadline (an interruption: the whole move is
-rolled back). Both are ``asyncio.timeout`` scopes; shutdown expires the deadline scope early
-(``Move.interrupt``).
+happened; while the state file fails, the entry waits in the store's memory and the step runs
+anyway (a failing disk never stops a move). A forward step is bounded twice: by the step
+timeout (a step failure: the candidate is rolled back, the next one tried) and by the move's
+deadline (an interruption: the whole move is rolled back). Both are ``asyncio.timeout`` scopes;
+shutdown expires the deadline scope early (``Move.interrupt``).
 """
 
 from __future__ import annotations

@@ -7,116 +7,37 @@ SIGKILL (and a power cut); checkpoints go through a second connection with
 ``synchronous=NORMAL`` because they are re-pulled every interval anyway, and they can be
 written from a worker thread so that a 10 MB snapshot does not stall the event loop.
 
-The schema is versioned with ``PRAGMA user_version`` and a list of migrations applied in order,
-each in its own transaction; opening an up-to-date file is a no-op.
+Every write either commits before its call returns or, while the file fails, waits in memory
+and is replayed later (``database.py``); reads see both. The schema is versioned
+(``schema.py``); opening an up-to-date file is a no-op.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-log = logging.getLogger(__name__)
+from exporter.store.backlog import Stmt, insert, rollback
+from exporter.store.database import UPSERT_CHECKPOINT, Database, StoreError
+from exporter.store.pending import Checkpoint
+from exporter.store.schema import OPEN_RESULT, SCHEMA_VERSION
 
-MIGRATIONS: tuple[str, ...] = (
-    # 1: audit log, failovers and their write-ahead journal, duty assignments, maintenance,
-    # flags, queued undo calls (cleanup), and the latest checkpoint of each master
-    """
-    CREATE TABLE audit (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        ts REAL NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        master TEXT,
-        detail TEXT NOT NULL DEFAULT '{}'
-    );
-    CREATE INDEX audit_master ON audit(master, id);
-    CREATE TABLE failovers (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        started REAL NOT NULL,
-        finished REAL,
-        master TEXT NOT NULL,
-        backup TEXT,
-        result TEXT NOT NULL,
-        trigger TEXT NOT NULL,
-        reason TEXT NOT NULL DEFAULT '',
-        duration REAL,
-        steps TEXT NOT NULL DEFAULT '[]',
-        candidates TEXT NOT NULL DEFAULT '[]',
-        kind TEXT NOT NULL DEFAULT 'failover'
-    );
-    CREATE INDEX failovers_master ON failovers(master, id);
-    CREATE INDEX failovers_open ON failovers(finished) WHERE finished IS NULL;
-    CREATE TABLE journal (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        failover_id INTEGER NOT NULL REFERENCES failovers(id),
-        step TEXT NOT NULL,
-        status TEXT NOT NULL,
-        backup TEXT,
-        ts REAL NOT NULL,
-        detail TEXT NOT NULL DEFAULT '{}'
-    );
-    CREATE INDEX journal_failover ON journal(failover_id, id);
-    CREATE TABLE assignments (
-        master TEXT PRIMARY KEY,
-        backup TEXT NOT NULL,
-        since REAL NOT NULL,
-        failover_id INTEGER
-    );
-    CREATE TABLE maintenance (
-        master TEXT PRIMARY KEY,
-        since REAL NOT NULL
-    );
-    CREATE TABLE flags (
-        name TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    );
-    CREATE TABLE cleanup (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        ts REAL NOT NULL,
-        master TEXT NOT NULL,
-        action TEXT NOT NULL,
-        arg TEXT,
-        failover_id INTEGER,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        last_error TEXT NOT NULL DEFAULT ''
-    );
-    CREATE UNIQUE INDEX cleanup_key ON cleanup(master, action, IFNULL(arg, ''));
-    CREATE TABLE checkpoints (
-        master TEXT PRIMARY KEY,
-        ts REAL NOT NULL,
-        checksum TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        snapshot BLOB NOT NULL
-    );
-    """,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-OPEN_RESULT = "in_progress"
+__all__ = ["OPEN_RESULT", "SCHEMA_VERSION", "Store", "StoreError"]
+
+Row = sqlite3.Row | Mapping[str, Any]
+BRIEF = ("id", "started", "finished", "master", "backup", "result", "trigger", "reason",
+         "duration", "kind")
+UPSERT_CLEANUP = (" ON CONFLICT DO UPDATE SET failover_id = excluded.failover_id,"
+                  " last_error = excluded.last_error")
+UPSERT_FLAG = ("INSERT INTO flags (name, value) VALUES (?, ?) ON CONFLICT(name)"
+               " DO UPDATE SET value = excluded.value")
 
 
-class StoreError(Exception):
-    """The state file cannot be used (newer schema, corrupt, unwritable)."""
-
-
-def _connect(path: str, synchronous: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=10000")
-    return conn
-
-
-def _decode(row: sqlite3.Row, json_fields: Iterable[str]) -> dict[str, Any]:
+def _decode(row: Row, json_fields: Iterable[str]) -> dict[str, Any]:
     out = dict(row)
     for f in json_fields:
         if f in out and isinstance(out[f], str):
@@ -124,90 +45,48 @@ def _decode(row: sqlite3.Row, json_fields: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-class Store:
-    """All persistent state of the exporter; every method is one short transaction.
-
-    The main connection is shared by the event loop (sync calls, each a few hundred µs) and is
-    guarded by a lock so that the worker-thread checkpoint writer can never interleave with it.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = _connect(self.path, "FULL")
-            self._lock = threading.RLock()
-            self._migrate()
-            # checkpoints: own connection so a big write in a thread never holds self._lock
-            self._ckpt = self._db if self.path == ":memory:" else _connect(self.path, "NORMAL")
-            self._ckpt_lock = self._lock if self._ckpt is self._db else threading.Lock()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
-
-    # --- schema ---------------------------------------------------------------------------
-    @property
-    def schema_version(self) -> int:
-        with self._lock:
-            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
-
-    def _migrate(self) -> None:
-        current = self.schema_version
-        if current > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: schema version {current} is newer than this build "
-                f"({SCHEMA_VERSION}); refusing to touch it"
-            )
-        for version in range(current + 1, SCHEMA_VERSION + 1):
-            script = MIGRATIONS[version - 1]
-            with self._lock:
-                # executescript commits first; wrap in an explicit transaction so that a crash
-                # mid-migration leaves the previous version intact
-                self._db.executescript(
-                    f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={version};\nCOMMIT;"
-                )
-            log.info("state store %s migrated to schema version %d", self.path, version,
-                     extra={"event": "store_migration", "version": version})
-
-    def close(self) -> None:
-        with self._lock, self._ckpt_lock:  # waits for a checkpoint write in a worker thread
-            if self._ckpt is not self._db:
-                self._ckpt.close()
-            self._db.close()
-
-    def _write(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
-        with self._lock:
-            return self._db.execute(sql, params)
-
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+class Store(Database):
+    """All persistent state of the exporter; every method is one short transaction (or, while
+    the file fails, one entry of the backlog)."""
 
     # --- audit ----------------------------------------------------------------------------
     def audit(self, actor: str, action: str, master: str | None = None,
               detail: dict[str, Any] | None = None, ts: float | None = None) -> int:
         """Append one audit entry; returns its id."""
-        cur = self._write(
-            "INSERT INTO audit (ts, actor, action, master, detail) VALUES (?, ?, ?, ?, ?)",
-            (time.time() if ts is None else ts, actor, action, master,
-             json.dumps(detail or {}, default=str, sort_keys=True)),
-        )
-        return int(cur.lastrowid or 0)
+        return self._insert("audit", "audit", {
+            "ts": time.time() if ts is None else ts, "actor": actor, "action": action,
+            "master": master, "detail": json.dumps(detail or {}, default=str, sort_keys=True),
+        }, droppable=True)
 
     def list_audit(self, limit: int = 50, before: int | None = None, offset: int = 0,
                    master: str | None = None) -> list[dict[str, Any]]:
         """Newest first. Page with ``before`` (an id cursor, stable while entries are added) or
         ``offset``."""
-        where, params = self._page_filter(before, master)
-        rows = self._read(
-            f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ? OFFSET ?",
-            (*params, max(0, limit), max(0, offset)),
-        )
-        return [_decode(r, ("detail",)) for r in rows]
+        return [_decode(r, ("detail",))
+                for r in self._page("audit", None, limit, before, offset, master)]
 
     def count_audit(self, master: str | None = None) -> int:
+        return self._count("audit", master)
+
+    def _page(self, table: str, columns: Sequence[str] | None, limit: int,
+              before: int | None, offset: int, master: str | None) -> Sequence[Row]:
+        """A page of ``table`` newest first, with the rows waiting in memory."""
+        where, params = self._page_filter(before, master)
+        limit, offset = max(0, limit), max(0, offset)
+        cols = ", ".join(columns) if columns else "*"
+        if not self._view.rows[table]:
+            return self._read(f"SELECT {cols} FROM {table} {where} ORDER BY id DESC"
+                              " LIMIT ? OFFSET ?", (*params, limit, offset))
+        extra = len(self._view.matching(table, before, master))
+        rows = self._read(f"SELECT {cols} FROM {table} {where} ORDER BY id DESC LIMIT ?",
+                          (*params, limit + offset + extra))
+        return self._view.page(table, [dict(r) for r in rows], before, master, limit, offset,
+                               columns)
+
+    def _count(self, table: str, master: str | None) -> int:
         where, params = self._page_filter(None, master)
-        return int(self._read(f"SELECT COUNT(*) FROM audit {where}", params)[0][0])
+        disk = int(self._read(f"SELECT COUNT(*) FROM {table} {where}", params)[0][0])
+        return disk + len(self._view.matching(table, None, master))
 
     @staticmethod
     def _page_filter(before: int | None, master: str | None) -> tuple[str, list[Any]]:
@@ -225,26 +104,23 @@ class Store:
     def begin_failover(self, master: str, trigger: str, reason: str, started: float,
                        kind: str = "failover") -> int:
         """Open a failover row (result ``in_progress``) before anything is done."""
-        cur = self._write(
-            "INSERT INTO failovers (started, master, result, trigger, reason, kind)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (started, master, OPEN_RESULT, trigger, reason, kind),
-        )
-        return int(cur.lastrowid or 0)
+        return self._insert("failover", "failovers", {
+            "started": started, "master": master, "result": OPEN_RESULT, "trigger": trigger,
+            "reason": reason, "kind": kind})
 
     def journal(self, failover_id: int, step: str, status: str, backup: str | None = None,
                 detail: dict[str, Any] | None = None, ts: float | None = None) -> None:
-        """Write-ahead entry: committed (fsync'd) before the step it announces runs."""
-        self._write(
-            "INSERT INTO journal (failover_id, step, status, backup, ts, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (failover_id, step, status, backup, time.time() if ts is None else ts,
-             json.dumps(detail or {}, default=str, sort_keys=True)),
-        )
+        """Write-ahead entry: committed (fsync'd) before the step it announces runs, or kept in
+        memory while the file fails."""
+        self._insert("journal", "journal", {
+            "failover_id": failover_id, "step": step, "status": status, "backup": backup,
+            "ts": time.time() if ts is None else ts,
+            "detail": json.dumps(detail or {}, default=str, sort_keys=True)})
 
     def journal_entries(self, failover_id: int) -> list[dict[str, Any]]:
-        rows = self._read("SELECT * FROM journal WHERE failover_id = ? ORDER BY id",
-                          (failover_id,))
+        rows: list[Row] = list(self._read(
+            "SELECT * FROM journal WHERE failover_id = ? ORDER BY id", (failover_id,)))
+        rows += self._view.journal.get(failover_id, [])
         return [_decode(r, ("detail",)) for r in rows]
 
     def finish_failover(self, failover_id: int, result: str, backup: str | None,
@@ -252,24 +128,23 @@ class Store:
                         candidates: list[dict[str, Any]], reason: str | None = None) -> None:
         """Close a failover row; the journal gets a final ``finish`` entry in the same
         transaction so recovery never sees a closed row with an open journal."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "UPDATE failovers SET finished = ?, backup = ?, result = ?, duration = ?,"
-                    " steps = ?, candidates = ?, reason = COALESCE(?, reason) WHERE id = ?",
-                    (finished, backup, result, duration, json.dumps(steps, default=str),
-                     json.dumps(candidates, default=str), reason, failover_id),
-                )
-                self._db.execute(
-                    "INSERT INTO journal (failover_id, step, status, backup, ts, detail)"
-                    " VALUES (?, 'finish', ?, ?, ?, '{}')",
-                    (failover_id, result, backup, finished),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        patch = {"finished": finished, "backup": backup, "result": result,
+                 "duration": duration, "steps": json.dumps(steps, default=str),
+                 "candidates": json.dumps(candidates, default=str)}
+        update = Stmt("UPDATE failovers SET finished = ?, backup = ?, result = ?, duration = ?,"
+                      " steps = ?, candidates = ?, reason = COALESCE(?, reason) WHERE id = ?",
+                      (*patch.values(), reason, failover_id))
+        entry = {"failover_id": failover_id, "step": "finish", "status": result,
+                 "backup": backup, "ts": finished, "detail": "{}"}
+        cur = self._direct("failover", update, insert("journal", entry))
+        if cur is not None:
+            self._ids["journal"] = max(self._ids.get("journal", 0), int(cur.lastrowid or 0))
+            return
+        full = {"id": self._next_id("journal"), **entry}
+        self._defer("failover", [update, insert("journal", full)])
+        self._view.update("failovers", failover_id,
+                          patch if reason is None else {**patch, "reason": reason})
+        self._view.add_journal(full)
 
     def record_failover(self, master: str, result: str, trigger: str, reason: str,
                         started: float, backup: str | None = None, duration: float = 0.0,
@@ -277,44 +152,42 @@ class Store:
                         candidates: list[dict[str, Any]] | None = None,
                         kind: str = "failover") -> int:
         """A failover that did not execute (skipped_cooldown, dry_run, paused...): one row."""
-        cur = self._write(
-            "INSERT INTO failovers (started, finished, master, backup, result, trigger, reason,"
-            " duration, steps, candidates, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (started, started + duration, master, backup, result, trigger, reason, duration,
-             json.dumps(steps or [], default=str), json.dumps(candidates or [], default=str),
-             kind),
-        )
-        return int(cur.lastrowid or 0)
+        return self._insert("failover", "failovers", {
+            "started": started, "finished": started + duration, "master": master,
+            "backup": backup, "result": result, "trigger": trigger, "reason": reason,
+            "duration": duration, "steps": json.dumps(steps or [], default=str),
+            "candidates": json.dumps(candidates or [], default=str), "kind": kind})
 
     def get_failover(self, failover_id: int) -> dict[str, Any] | None:
-        rows = self._read("SELECT * FROM failovers WHERE id = ?", (failover_id,))
-        return _decode(rows[0], ("steps", "candidates")) if rows else None
+        try:
+            rows = self._read("SELECT * FROM failovers WHERE id = ?", (failover_id,))
+        except StoreError:
+            if not self._view.is_new("failovers", failover_id):
+                raise
+            rows = []
+        row = self._view.row("failovers", failover_id, dict(rows[0]) if rows else None)
+        return _decode(row, ("steps", "candidates")) if row else None
 
     def list_failovers(self, limit: int = 50, before: int | None = None, offset: int = 0,
                        master: str | None = None, brief: bool = False) -> list[dict[str, Any]]:
         """Newest first; ``before`` is an id cursor (use the last id of the previous page).
         ``brief`` leaves out steps and candidates (at 1,000 masters a record's candidate list
         is ~150 kB; a history page rarely needs it)."""
-        where, params = self._page_filter(before, master)
-        cols = ("id, started, finished, master, backup, result, trigger, reason, duration, kind"
-                if brief else "*")
-        rows = self._read(
-            f"SELECT {cols} FROM failovers {where} ORDER BY id DESC LIMIT ? OFFSET ?",
-            (*params, max(0, limit), max(0, offset)),
-        )
-        return [_decode(r, ("steps", "candidates")) for r in rows]
+        return [_decode(r, ("steps", "candidates")) for r in
+                self._page("failovers", BRIEF if brief else None, limit, before, offset, master)]
 
     def count_failovers(self, master: str | None = None) -> int:
-        where, params = self._page_filter(None, master)
-        return int(self._read(f"SELECT COUNT(*) FROM failovers {where}", params)[0][0])
+        return self._count("failovers", master)
 
     def unfinished_failovers(self) -> list[dict[str, Any]]:
-        """Rows a crash left open, oldest first: recover_journal's work list."""
+        """Rows a crash left open, oldest first: recover_journal's work list (read at start,
+        before anything can wait in memory)."""
         rows = self._read("SELECT * FROM failovers WHERE finished IS NULL ORDER BY id")
         return [_decode(r, ("steps", "candidates")) for r in rows]
 
     def last_failover_times(self, results: Sequence[str]) -> dict[str, float]:
-        """Start time of the newest failover per master among ``results`` (cooldown restore)."""
+        """Start time of the newest failover per master among ``results`` (cooldown restore,
+        read at start)."""
         marks = ",".join("?" * len(results))
         rows = self._read(
             f"SELECT master, MAX(started) AS started FROM failovers WHERE result IN ({marks})"
@@ -328,61 +201,74 @@ class Store:
                     failover_id: int | None = None) -> None:
         """Atomically hand ``duties`` to ``holder``; a master's own duty coming back to it
         drops the assignment row (it is its own again)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for duty in duties:
-                    if duty == holder:
-                        self._db.execute("DELETE FROM assignments WHERE master = ?", (duty,))
-                    else:
-                        self._db.execute(
-                            "INSERT INTO assignments (master, backup, since, failover_id)"
-                            " VALUES (?, ?, ?, ?) ON CONFLICT(master) DO UPDATE SET"
-                            " backup = excluded.backup, since = excluded.since,"
-                            " failover_id = excluded.failover_id",
-                            (duty, holder, since, failover_id))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        stmts = [Stmt("DELETE FROM assignments WHERE master = ?", (duty,)) if duty == holder
+                 else Stmt("INSERT INTO assignments (master, backup, since, failover_id)"
+                           " VALUES (?, ?, ?, ?) ON CONFLICT(master) DO UPDATE SET"
+                           " backup = excluded.backup, since = excluded.since,"
+                           " failover_id = excluded.failover_id",
+                           (duty, holder, since, failover_id))
+                 for duty in duties]
+        if stmts and self._direct("assignment", *stmts) is None:
+            self._defer("assignment", stmts)
+            self._view.move(duties, holder, since, failover_id)
 
     def assignments(self) -> dict[str, dict[str, Any]]:
         """{taken-over master: {"backup", "since", "failover_id"}}."""
-        return {r["master"]: {"backup": r["backup"], "since": r["since"],
-                              "failover_id": r["failover_id"]}
-                for r in self._read("SELECT * FROM assignments")}
+        return self._view.assignments(
+            {r["master"]: {"backup": r["backup"], "since": r["since"],
+                           "failover_id": r["failover_id"]}
+             for r in self._read("SELECT * FROM assignments")})
 
     # --- cleanup: undo calls that could not reach their master, retried later ----------------
     def add_cleanup(self, master: str, action: str, arg: str | None, failover_id: int | None,
                     error: str = "") -> None:
-        self._write(
-            "INSERT INTO cleanup (ts, master, action, arg, failover_id, last_error)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
-            " failover_id = excluded.failover_id, last_error = excluded.last_error",
-            (time.time(), master, action, arg, failover_id, error))
+        row = {"ts": time.time(), "master": master, "action": action, "arg": arg,
+               "failover_id": failover_id, "last_error": error}
+        if self._direct("cleanup", insert("cleanup", row, UPSERT_CLEANUP)) is not None:
+            return
+        same = next((r for r in self.cleanups() if (r["master"], r["action"], r["arg"] or "")
+                     == (master, action, arg or "")), None)
+        full = {"id": same["id"] if same else self._next_id("cleanup"), **row}
+        self._defer("cleanup", [insert("cleanup", full, UPSERT_CLEANUP)])
+        self._view.add_cleanup({**same, "failover_id": failover_id, "last_error": error}
+                               if same else self._as_row("cleanup", full))
 
     def cleanups(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._read("SELECT * FROM cleanup ORDER BY id")]
+        return self._view.cleanup_rows(
+            dict(r) for r in self._read_or([], "SELECT * FROM cleanup ORDER BY id"))
 
     def cleanup_done(self, cleanup_id: int) -> None:
-        self._write("DELETE FROM cleanup WHERE id = ?", (cleanup_id,))
+        stmt = Stmt("DELETE FROM cleanup WHERE id = ?", (cleanup_id,))
+        if self._direct("cleanup", stmt) is None:
+            self._defer("cleanup", [stmt])
+            self._view.cleanup_done(cleanup_id)
 
     # --- maintenance and pause ----------------------------------------------------------------
     def set_maintenance(self, master: str, on: bool, since: float | None = None) -> None:
-        if on:
-            self._write("INSERT OR IGNORE INTO maintenance (master, since) VALUES (?, ?)",
-                        (master, time.time() if since is None else since))
-        else:
-            self._write("DELETE FROM maintenance WHERE master = ?", (master,))
+        since = (time.time() if since is None else since) if on else None
+        stmt = (Stmt("INSERT OR IGNORE INTO maintenance (master, since) VALUES (?, ?)",
+                     (master, since)) if on
+                else Stmt("DELETE FROM maintenance WHERE master = ?", (master,)))
+        if self._direct("maintenance", stmt) is None:
+            self._defer("maintenance", [stmt])
+            self._view.set_maintenance(master, since)
 
     def maintenance(self) -> dict[str, float]:
-        return {r["master"]: r["since"] for r in self._read("SELECT * FROM maintenance")}
+        return self._view.maintenance_of(
+            {r["master"]: r["since"] for r in self._read("SELECT * FROM maintenance")})
 
     def set_flag(self, name: str, value: Any) -> None:
-        self._write("INSERT INTO flags (name, value) VALUES (?, ?) ON CONFLICT(name)"
-                    " DO UPDATE SET value = excluded.value", (name, json.dumps(value)))
+        stmt = Stmt(UPSERT_FLAG, (name, json.dumps(value)))
+        if self._direct("flag", stmt) is None:
+            self._defer_flag(stmt)
+
+    def _defer_flag(self, stmt: Stmt) -> None:
+        self._defer("flag", [stmt])
+        self._view.flags[stmt.params[0]] = stmt.params[1]
 
     def flag(self, name: str, default: Any = None) -> Any:
+        if name in self._view.flags:
+            return json.loads(self._view.flags[name])
         rows = self._read("SELECT value FROM flags WHERE name = ?", (name,))
         return json.loads(rows[0][0]) if rows else default
 
@@ -396,13 +282,25 @@ class Store:
     def next_epoch(self) -> int:
         """Raise the persisted fencing epoch by one and return it, in one statement: called
         once per start of the exporter, so a restarted exporter outranks a stale one that still
-        runs, and the number never goes down (docs/protocol.md, "Fencing epochs")."""
-        with self._lock:
-            rows = self._db.execute(
-                "INSERT INTO flags (name, value) VALUES ('epoch', '1') ON CONFLICT(name)"
-                " DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value"
-            ).fetchall()
-        return int(rows[0][0])
+        runs, and the number never goes down (docs/protocol.md, "Fencing epochs"). While the
+        file fails, the raised epoch waits in memory like any write."""
+        if not len(self._backlog):
+            try:
+                with self._lock:
+                    rows = self._db.execute(
+                        "INSERT INTO flags (name, value) VALUES ('epoch', '1') ON CONFLICT(name)"
+                        " DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value"
+                    ).fetchall()
+                return int(rows[0][0])
+            except sqlite3.Error as exc:
+                with self._lock:
+                    rollback(self._db)
+                self._failed("flag", exc)
+        else:
+            self.health.count("flag")
+        epoch = self.epoch() + 1
+        self._defer_flag(Stmt(UPSERT_FLAG, ("epoch", json.dumps(epoch))))
+        return epoch
 
     def epoch(self) -> int:
         """The last epoch handed out by ``next_epoch``; 0 before the first start."""
@@ -411,15 +309,17 @@ class Store:
     # --- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, master: str, ts: float, checksum: str, snapshot: bytes) -> None:
         """Keep ``snapshot`` (the raw JSON bytes as the master sent them) as the latest for
-        ``master``. Safe to call from a worker thread (see ``asave_checkpoint``)."""
-        with self._ckpt_lock:
-            self._ckpt.execute(
-                "INSERT INTO checkpoints (master, ts, checksum, size, snapshot)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(master) DO UPDATE SET ts = excluded.ts,"
-                " checksum = excluded.checksum, size = excluded.size,"
-                " snapshot = excluded.snapshot",
-                (master, ts, checksum, len(snapshot), sqlite3.Binary(snapshot)),
-            )
+        ``master``; kept in memory if the file refuses it. Safe to call from a worker thread
+        (see ``asave_checkpoint``)."""
+        try:
+            with self._ckpt_lock:
+                self._ckpt.execute(UPSERT_CHECKPOINT, (master, ts, checksum, len(snapshot),
+                                                       sqlite3.Binary(snapshot)))
+        except sqlite3.Error as exc:
+            self._failed("checkpoint", exc)
+            self._ckpts.put(master, (ts, checksum, snapshot))
+            return
+        self._ckpts.discard(master)
 
     async def asave_checkpoint(self, master: str, ts: float, checksum: str,
                                snapshot: bytes) -> None:
@@ -428,22 +328,35 @@ class Store:
             self.save_checkpoint(master, ts, checksum, snapshot)
         else:
             await asyncio.to_thread(self.save_checkpoint, master, ts, checksum, snapshot)
+            if self.waiting:
+                self._arm_timer()  # the worker thread has no loop to arm it on
 
-    def checkpoint(self, master: str) -> tuple[float, str, bytes] | None:
+    def checkpoint(self, master: str) -> Checkpoint | None:
         """(ts, checksum, raw snapshot bytes) of the latest checkpoint, or None."""
-        with self._ckpt_lock:
-            row = self._ckpt.execute(
-                "SELECT ts, checksum, snapshot FROM checkpoints WHERE master = ?", (master,)
-            ).fetchone()
+        pending = self._ckpts.get(master)
+        if pending is not None:
+            return pending
+        try:
+            with self._ckpt_lock:
+                row = self._ckpt.execute(
+                    "SELECT ts, checksum, snapshot FROM checkpoints WHERE master = ?", (master,)
+                ).fetchone()
+        except sqlite3.Error as exc:
+            self._failed("read", exc)
+            return None
         return (float(row[0]), str(row[1]), bytes(row[2])) if row else None
 
-    async def acheckpoint(self, master: str) -> tuple[float, str, bytes] | None:
-        if self._ckpt is self._db:
+    async def acheckpoint(self, master: str) -> Checkpoint | None:
+        if self._ckpt is self._db or self._ckpts.get(master) is not None:
             return self.checkpoint(master)
         return await asyncio.to_thread(self.checkpoint, master)
 
     def checkpoint_times(self) -> dict[str, float]:
         """{master: ts of its latest checkpoint} without reading the snapshots."""
-        with self._ckpt_lock:
-            rows = self._ckpt.execute("SELECT master, ts FROM checkpoints").fetchall()
-        return {r[0]: float(r[1]) for r in rows}
+        try:
+            with self._ckpt_lock:
+                rows = self._ckpt.execute("SELECT master, ts FROM checkpoints").fetchall()
+        except sqlite3.Error as exc:
+            self._failed("read", exc)
+            rows = []
+        return {**{r[0]: float(r[1]) for r in rows}, **self._ckpts.times()}
