@@ -99,21 +99,17 @@ class Checkpointer:
         return True
 
     async def _still_current(self, rt: MasterRuntime, tagged: _Tagged, timeout: float) -> bool:
-        """The master's 304: its stored checkpoint is stamped as taken now. The store has no
-        call that moves only the time, so the stored bytes are written back with it (local
-        I/O, nothing from the master). When the stored checkpoint is no longer the one the tag
-        names, the state is read again in full."""
-        name = rt.name
+        """The master's 304: its kept checkpoint is stamped as taken now. When the kept
+        checkpoint is no longer the one the tag names, the state is read again in full."""
+        name, now = rt.name, time.time()
         try:
-            stored = await self.store.acheckpoint(name)
-            if stored is None or stored[1] != tagged.checksum:
-                self._tags.pop(name, None)
-                return await self.pull(rt, timeout)  # untagged now: a full read, no recursion
-            now = time.time()
-            await self.store.asave_checkpoint(name, now, tagged.checksum, stored[2])
+            current = self.store.touch_checkpoint(name, now, tagged.checksum)
         except _STORE_ERRORS as exc:
             self._failed(name, "store", f"cannot refresh the checkpoint: {exc}")
             return False
+        if not current:
+            self._tags.pop(name, None)
+            return await self.pull(rt, timeout)  # untagged now: a full read, no recursion
         self._succeeded(name, now)
         log.debug("checkpoint of %s unchanged (ETag %s)", name, tagged.etag[:40],
                   extra={"event": "checkpoint", "master": name, "ok": True, "bytes": 0})

@@ -164,6 +164,16 @@ class PendingCheckpoints:
         with self._lock:
             return self._items.get(master)
 
+    def restamp(self, master: str, ts: float, checksum: str) -> bool:
+        """Move the time of the kept checkpoint of ``master`` if it is the one ``checksum``
+        names; False when none such is kept."""
+        with self._lock:
+            kept = self._items.get(master)
+            if kept is None or kept[1] != checksum:
+                return False
+            self._items[master] = (ts, checksum, kept[2])
+            return True
+
     def discard(self, master: str) -> None:
         """A newer checkpoint of ``master`` is in the file."""
         with self._lock:

@@ -331,6 +331,23 @@ class Store(Database):
             if self.waiting:
                 self._arm_timer()  # the worker thread has no loop to arm it on
 
+    def touch_checkpoint(self, master: str, ts: float, checksum: str) -> bool:
+        """Stamp the kept checkpoint of ``master`` as taken at ``ts`` when it is still the one
+        ``checksum`` names (the master answered 304: nothing changed); False when it is not,
+        or when the file refuses the update (counted like any refused write)."""
+        if self._ckpts.restamp(master, ts, checksum):
+            return True
+        try:
+            with self._ckpt_lock:
+                cur = self._ckpt.execute(
+                    "UPDATE checkpoints SET ts = ? WHERE master = ? AND checksum = ?",
+                    (ts, master, checksum),
+                )
+        except sqlite3.Error as exc:
+            self._failed("checkpoint", exc)
+            return False
+        return cur.rowcount > 0
+
     def checkpoint(self, master: str) -> Checkpoint | None:
         """(ts, checksum, raw snapshot bytes) of the latest checkpoint, or None."""
         pending = self._ckpts.get(master)

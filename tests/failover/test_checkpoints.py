@@ -241,14 +241,14 @@ async def test_a_store_failure_on_a_304_is_counted_and_the_next_round_recovers(t
     async with served(apps_of(m)) as urls:
         async with Rig(tmp_path, urls) as rig:
             assert await rig.round() == {"a": True}
-            read = rig.store.acheckpoint
+            touch = rig.store.touch_checkpoint
 
-            async def broken(_master: str) -> None:
+            def broken(_master: str, _ts: float, _checksum: str) -> bool:
                 raise sqlite3.OperationalError("disk I/O error")
 
-            rig.store.acheckpoint = broken
+            rig.store.touch_checkpoint = broken  # type: ignore[method-assign]
             assert await rig.round() == {"a": False}
             assert dict(rig.ckpt.failures) == {("a", "store"): 1}
-            rig.store.acheckpoint = read
+            rig.store.touch_checkpoint = touch  # type: ignore[method-assign]
             assert await rig.round() == {"a": True}
             assert "a" not in rig.ckpt.errors and m.body_bytes == len(json.dumps(m.state))
