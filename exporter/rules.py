@@ -128,6 +128,10 @@ def context(cfg: Config, job: str = DEFAULT_JOB) -> dict[str, Any]:
     probe, failover, thresholds = cfg.probe, cfg.failover, cfg.thresholds
     rebalance = cfg.balancing.rebalance
     detection = probe.interval * probe.failure_threshold
+    # the longest an automatic failover may leave a duty without a holder: detection, then the
+    # move's hard deadline (none when nothing moves duties automatically)
+    automatic = failover.enabled and not failover.dry_run
+    repair = detection + (failover.deadline if automatic else 0.0)
     hold = {
         "master_down": _whole(detection),
         "master_degraded": max(120, _whole(12 * probe.interval)),
@@ -138,6 +142,8 @@ def context(cfg: Config, job: str = DEFAULT_JOB) -> dict[str, Any]:
         "no_backup": max(60, _whole(2 * failover.recovery_timeout)),
         "no_master": _whole(detection),
         "failover_stuck": _whole(2 * failover.deadline),
+        # plus one probe interval to see the new holder's answer
+        "duty": _whole(repair + probe.interval),
         "imbalance": max(300, _whole(10 * rebalance.for_)),
         "exporter_down": 60,
         "exporter_absent": 300,
@@ -154,6 +160,7 @@ def context(cfg: Config, job: str = DEFAULT_JOB) -> dict[str, Any]:
         "recovery_timeout": failover.recovery_timeout,
         "max_recovery_attempts": failover.max_recovery_attempts,
         "failover_deadline": failover.deadline,
+        "failover_automatic": automatic,
         # rate() over at least 10 probes, and never under the usual 5m
         "latency_window": max(300, _whole(10 * probe.interval)),
         "latency_quantile": 0.99,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
@@ -28,7 +29,13 @@ from exporter.fleet import (
     Transition,
     log_transition,
 )
-from exporter.metrics import ExporterMetrics, FleetCollector
+from exporter.metrics import (
+    DutyStatus,
+    ExporterMetrics,
+    FleetCollector,
+    duty_status,
+    health_score,
+)
 from exporter.probing.prober import Prober, new_session
 from exporter.routing import Router
 from exporter.store import Store
@@ -69,12 +76,17 @@ class Service:
                 checkpoint_ages=self._checkpoint_ages,
                 recovery_timeout=lambda: self.config.failover.recovery_timeout,
                 role_of=self.duties.role_of,
-            )
+            ),
+            duties=self.duty_status,
         )
         m = self.metrics
         m.config_reload_success.set(1)
         m.config_reload_timestamp.set(self.started_at)
-        m.fleet_health_score.set_function(self.fleet_health_score)
+        m.fleet_health_score.set_function(lambda: self.fleet_health_score(m.duty_status()))
+        m.add_owned_counter(
+            "ha_state_store_errors_total", lambda: getattr(self.store, "errors", None)
+        )
+        m.add_owned_counter("ha_master_checkpoint_failures_total", self._checkpoint_failures)
         m.load_distribution_quality.set_function(self.router.distribution_quality)
         m.failover_in_progress.set_function(
             lambda: self.failover.in_progress if self.failover else 0
@@ -94,8 +106,20 @@ class Service:
         bus.subscribe(RoleChanged, _log_role)
 
     # --- what the API, status page and metrics read ----------------------------------------
-    def fleet_health_score(self) -> float:
-        return self.fleet.health_score()
+    def configured_duties(self) -> list[str]:
+        """Every duty: one per master configured ``role: active``, named after it."""
+        return [m.name for m in self.config.masters if m.role == "active"]
+
+    def duty_status(self) -> DutyStatus:
+        """Who serves each duty, as the masters' last answers say (not the duty table)."""
+        return duty_status(self.fleet, self.configured_duties())
+
+    def fleet_health_score(self, duties: DutyStatus | None = None) -> float:
+        """``ha_fleet_health_score``: the lower of the masters' score and the share of duties
+        served by exactly one master (``exporter.metrics.health_score``), so a fleet of
+        healthy masters that leaves a duty unserved does not read 100."""
+        status = self.duty_status() if duties is None else duties
+        return health_score(self.fleet.health_score(), status)
 
     def routing_weights(self) -> dict[str, float]:
         return self.router.effective_weights()
@@ -116,6 +140,15 @@ class Service:
 
     def _checkpoint_ages(self, now: float) -> dict[str, float]:
         return self.failover.checkpoint_ages(now) if self.failover else {}
+
+    def _checkpoint_failures(self) -> Mapping[tuple[str, str], int] | None:
+        """The checkpointer's failure counts; None before the failover manager exists."""
+        if self.failover is None:
+            return None
+        failures: Mapping[tuple[str, str], int] | None = getattr(
+            self.failover.checkpoints, "failures", None
+        )
+        return failures
 
     def _on_routing_change(self, failed: str, backup: str | None) -> None:
         log.info(
@@ -191,6 +224,16 @@ class Service:
     @property
     def ready(self) -> bool:
         return self.prober is not None and self.prober.first_round_done.is_set()
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz answers 503, None when ready: the first probe round is not done, or the
+        state store fails (failover goes on, but what it records is only in memory: a restart
+        or a second replica must not be routed to as if all were well)."""
+        if not self.ready:
+            return "first probe round not done yet"
+        failing = self.store.failing
+        return f"state store failing: {failing}" if failing is not None else None
 
     async def start(self) -> None:
         """Open the session, restore what the store remembers, recover an interrupted

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import subprocess
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -56,11 +57,15 @@ FLEET_LEVEL = {
     "ha_load_distribution_quality",
 }
 DECLARED = {"ha_route_decisions", "ha_failovers", "ha_failover_duration_seconds", "ha_rebalances"}
+WEIRD = 'we"ird\\name'
+#: The master behind each path of health_app: the two active ones serve their own duty.
+NAMES = {"alpha": "alpha", "weird": WEIRD, "dead": "dead"}
 
 
 def health_app() -> web.Application:
     async def health(request: web.Request) -> web.Response:
-        if request.match_info["who"] == "dead":
+        who = request.match_info["who"]
+        if who == "dead":
             return web.json_response({"status": "down"})
         return web.json_response(
             {
@@ -69,6 +74,8 @@ def health_app() -> web.Application:
                 "active_messages": 2,
                 "cpu_percent": 21.5,
                 "memory_percent": 33.0,
+                "active": True,
+                "duties": [NAMES[who]],
             }
         )
 
@@ -77,7 +84,11 @@ def health_app() -> web.Application:
     return app
 
 
-async def scrape_service(tmp_path, accept: str | None = None) -> tuple[str, str]:
+async def scrape_service(
+    tmp_path, accept: str | None = None, prepare: Callable[[Service], None] | None = None
+) -> tuple[str, str]:
+    """One scrape of a running service once its down master is failed; ``prepare`` runs on
+    the started service first."""
     async with serve_app(health_app()) as url:
         cfg = parse_config(
             {
@@ -85,13 +96,15 @@ async def scrape_service(tmp_path, accept: str | None = None) -> tuple[str, str]
                 "probe": {"interval": "300ms", "timeout": "200ms", "failure_threshold": 1},
                 "masters": [
                     {"name": "alpha", "url": f"{url}/alpha", "region": "uae", "priority": 1},
-                    {"name": 'we"ird\\name', "url": f"{url}/weird", "region": "usa"},
+                    {"name": WEIRD, "url": f"{url}/weird", "region": "usa"},
                     {"name": "dead", "url": f"{url}/dead", "region": "usa", "role": "standby"},
                 ],
             }
         )
         svc = Service(cfg, token="t")
         async with running(svc, "127.0.0.1", 0) as server:
+            if prepare is not None:
+                prepare(svc)
             base = f"http://127.0.0.1:{server.port}"
             async with aiohttp.ClientSession() as s:
 
@@ -132,7 +145,17 @@ async def test_scrape_has_every_contract_metric_with_its_labels(tmp_path):
     assert samples[("ha_master_probes_total", (("master", "dead"), ("result", "unhealthy")))] >= 1
     assert samples[("ha_master_queue_length", (("master", "alpha"),))] == 4
     assert samples[("ha_master_state", (("master", 'we"ird\\name'), ("state", "healthy")))] == 1
-    assert 0 < samples[("ha_fleet_health_score", ())] < 100
+    # two of three masters serve; both duties (alpha's and the weird one's) are served
+    assert samples[("ha_fleet_health_score", ())] == pytest.approx(200 / 3)
+    duties = {k: v for k, v in samples.items() if k[0].startswith("ha_duty_")}
+    assert duties == {
+        ("ha_duty_served", (("duty", "alpha"),)): 1,
+        ("ha_duty_served", (("duty", WEIRD),)): 1,
+        ("ha_duty_holders", (("duty", "alpha"),)): 1,
+        ("ha_duty_holders", (("duty", WEIRD),)): 1,
+        ("ha_duty_holder", (("duty", "alpha"), ("master", "alpha"))): 1,
+        ("ha_duty_holder", (("duty", WEIRD), ("master", WEIRD))): 1,
+    }
     help_line = next(
         ln
         for ln in text.splitlines()
@@ -205,7 +228,13 @@ def broken_metrics() -> ExporterMetrics:
         recovery_timeout=lambda: 30.0,
         role_of=lambda name: "active",
     )
-    metrics = ExporterMetrics(collector)
+    metrics = ExporterMetrics(collector, duties=failing)  # type: ignore[arg-type]
+    # a counter may not be NaN, negative or infinite, and its labels must fit: dropped
+    store_errors = {"write": 2, "read": math.nan, "scan": -1, "sync": math.inf, ("a", "b"): 1}
+    metrics.add_counter("ha_state_store_errors_total", "Store errors.", ["op"],
+                        lambda: store_errors)
+    metrics.add_counter("ha_master_checkpoint_failures_total", "Checkpoint failures.",
+                        ["master", "reason"], failing)  # type: ignore[arg-type]
     metrics.fleet_health_score.set_function(failing)
     metrics.load_distribution_quality.set_function(lambda: 10**400)
     metrics.failover_in_progress.set_function(lambda: float("inf"))
@@ -247,6 +276,10 @@ def test_failing_callbacks_never_break_a_scrape(caplog):
     )
     decisions = {s.labels["master"]: s.value for s in families["ha_route_decisions"].samples}
     assert decisions == {"fine": 3}  # a counter cannot be NaN: the bad sample is dropped
+    store = [(s.name, s.labels, s.value) for s in families["ha_state_store_errors"].samples]
+    assert store == [("ha_state_store_errors_total", {"op": "write"}, 2)]
+    assert "ha_master_checkpoint_failures" not in families  # its source failed
+    assert not [n for n in families if n.startswith("ha_duty_")]  # the duty status failed
     assert "process_cpu_seconds_total" in text or "python_info" in text
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     keys = [r.getMessage().split(":")[0] for r in errors]
@@ -277,3 +310,154 @@ async def test_an_overflowing_gauge_callback_is_nan_not_a_500(tmp_path, monkeypa
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert math.isnan(families["ha_load_distribution_quality"].samples[0].value)
     assert families["ha_master_up"].samples
+
+
+# --- duties, the health score, counters kept by other components ------------------------------
+
+
+def duty_service(tmp_path) -> Service:
+    """A service (not started) over a, b active and c, d standby; records are fed by hand."""
+    cfg = parse_config({
+        "state_path": str(tmp_path / "state.db"),
+        "masters": [
+            {"name": n, "url": f"http://127.0.0.1:{9001 + i}",
+             "role": "active" if n in "ab" else "standby"}
+            for i, n in enumerate("abcd")
+        ],
+    })
+    return Service(cfg, token="t")
+
+
+def report(svc: Service, name: str, **payload: object) -> None:
+    """One successful probe of ``name`` answering ``payload``."""
+    outcome = Outcome(Result.SUCCESS, 0.01, payload={"status": "ok", **payload})
+    svc.fleet.get(name).apply(outcome, 1000.0)
+
+
+def scraped(svc: Service) -> dict[tuple[str, tuple], float]:
+    text = svc.metrics.render(None)[0].decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith(("ha_duty_", "ha_fleet_health_score"))
+    }
+
+
+def test_health_score_is_the_lower_of_masters_serving_and_duties_served(tmp_path):
+    svc = duty_service(tmp_path)
+    try:
+        def score() -> float:
+            value = scraped(svc)[("ha_fleet_health_score", ())]
+            assert value == pytest.approx(svc.fleet_health_score())  # the page shows the same
+            return value
+
+        report(svc, "a", active=True, duties=["a"])
+        report(svc, "b", active=True, duties=["b"])
+        for name in "cd":
+            report(svc, name, active=False, duties=[])
+        assert score() == 100
+        report(svc, "b", active=False, duties=[])  # b stops serving behind the exporter's back
+        assert score() == 50  # every master healthy, one duty of two unserved
+        for _ in range(3):  # c fails (failure_threshold 3): masters at 75, duties still at 50
+            svc.fleet.get("c").apply(Outcome(Result.CONNECT_ERROR, 0.01, detail="refused"), 1.0)
+        assert score() == 50
+        report(svc, "b", active=True, duties=["b"])
+        assert score() == 75  # all duties served: the failed standby is what is left
+        report(svc, "d", active=True, duties=["a"])  # a second holder of a: split brain
+        assert score() == 50
+        assert svc.duty_status().split == ["a"]
+        report(svc, "a", active=False, duties=[])
+        report(svc, "b", active=False, duties=[])
+        report(svc, "d", active=False, duties=[])
+        assert score() == 0  # nothing served: an outage, however green the masters are
+    finally:
+        svc.store.close()
+
+
+def test_duty_families_follow_what_the_masters_report(tmp_path):
+    svc = duty_service(tmp_path)
+    try:
+        report(svc, "a", active=True, duties=["a"])
+        report(svc, "b", active=True, duties=["b"])
+        report(svc, "c", active=True, duties=["b", "not-a-duty"])  # split; unknown ignored
+        got = scraped(svc)
+        assert {k: v for k, v in got.items() if k[0] != "ha_fleet_health_score"} == {
+            ("ha_duty_served", (("duty", "a"),)): 1,
+            ("ha_duty_served", (("duty", "b"),)): 0,
+            ("ha_duty_holders", (("duty", "a"),)): 1,
+            ("ha_duty_holders", (("duty", "b"),)): 2,
+            ("ha_duty_holder", (("duty", "a"), ("master", "a"))): 1,
+            ("ha_duty_holder", (("duty", "b"), ("master", "b"))): 1,
+            ("ha_duty_holder", (("duty", "b"), ("master", "c"))): 1,
+        }
+        # a master that stops answering serves nothing it may still claim
+        svc.fleet.get("a").apply(Outcome(Result.TIMEOUT, 0.3, detail="timeout"), 2.0)
+        got = scraped(svc)
+        assert got[("ha_duty_served", (("duty", "a"),))] == 0
+        assert got[("ha_duty_holders", (("duty", "a"),))] == 0
+        assert ("ha_duty_holder", (("duty", "a"), ("master", "a"))) not in got
+    finally:
+        svc.store.close()
+
+
+def test_the_duty_status_is_computed_once_per_scrape(tmp_path):
+    svc = duty_service(tmp_path)
+    try:
+        calls = []
+        original = svc.duty_status
+
+        def counted():
+            calls.append(1)
+            return original()
+
+        svc.metrics._duties = counted
+        svc.metrics.render(None)
+        assert len(calls) == 1  # the duty families and the health score share it
+    finally:
+        svc.store.close()
+
+
+async def test_store_errors_and_checkpoint_failures_are_counters(tmp_path, monkeypatch):
+    """Both are read from counts their owners keep (store.errors, checkpoints.failures)."""
+
+    def counts(owner: object, name: str, value: object) -> None:
+        """``owner.name`` reads ``value``: a property on its class wins over an instance
+        attribute, and a read-only property is replaced as well."""
+        monkeypatch.setattr(type(owner), name, property(lambda _self: value), raising=False)
+
+    def prepare(svc: Service) -> None:
+        counts(svc.store, "errors", {"write": 3, "read": 0})
+        assert svc.failover is not None
+        counts(svc.failover.checkpoints, "failures",
+               {("alpha", "timeout"): 2, (WEIRD, "bad checksum"): 1})
+
+    text, _ = await scrape_service(tmp_path, prepare=prepare)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["ha_state_store_errors"].type == "counter"
+    assert {s.labels["op"]: s.value for s in families["ha_state_store_errors"].samples} == {
+        "write": 3, "read": 0}
+    fails = families["ha_master_checkpoint_failures"]
+    assert fails.type == "counter"
+    assert {(s.labels["master"], s.labels["reason"]): s.value for s in fails.samples} == {
+        ("alpha", "timeout"): 2, (WEIRD, "bad checksum"): 1}
+    assert "ha_master_checkpoint_failures_total{master=\"alpha\",reason=\"timeout\"} 2.0" in text
+    promtool = require_binary("promtool")
+    res = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
+
+
+def test_a_counter_whose_owner_keeps_no_counts_is_not_rendered(tmp_path):
+    svc = duty_service(tmp_path)
+    try:
+        svc.metrics.add_counter("ha_test_absent_total", "Absent.", ["x"], lambda: None)
+        svc.metrics.add_counter("ha_test_empty_total", "Empty.", ["x"], dict)
+        text = svc.metrics.render(None)[0].decode()
+        assert "ha_test_absent" not in text
+        assert "# TYPE ha_test_empty_total counter" in text  # declared, no sample yet
+        # before the failover manager exists there is nothing to read checkpoints from
+        assert "ha_master_checkpoint_failures_total{" not in text
+    finally:
+        svc.store.close()

@@ -127,9 +127,17 @@ class MasterRuntime:
         self.bucket_counts[-1] += 1
 
     def as_dict(
-        self, role: str, recovery_timeout: float, now: float | None = None
+        self,
+        role: str,
+        recovery_timeout: float,
+        now: float | None = None,
+        *,
+        duties: Sequence[str] = (),
     ) -> dict[str, Any]:
-        """The JSON shape of /api/v1/masters; ``role`` comes from the duty table."""
+        """The JSON shape of /api/v1/masters. ``role`` and ``duties`` are the exporter's belief
+        (the duty table); ``reported_active`` and ``reported_duties`` are what the master's
+        last answer said of itself (null when unknown), shown side by side so that a drift
+        between the two is visible."""
         now = time.time() if now is None else now
         h = self.health
         return {
@@ -139,6 +147,11 @@ class MasterRuntime:
             "priority": self.config.priority,
             "role": role,
             "configured_role": self.config.role,
+            "duties": list(duties),
+            "reported_active": self.reported_active,
+            "reported_duties": (
+                list(self.reported_duties) if self.reported_duties is not None else None
+            ),
             "weight": self.config.weight,
             "state": str(h.state),
             "up": self.up,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from exporter.fleet import MasterRuntime
+from exporter.service import Service
 from exporter.web.jsonapi import ApiError, NoBody, json_response, read_body
 from exporter.web.keys import SERVICE
 
@@ -31,24 +34,29 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
-    if svc.ready:
+    reason = svc.not_ready_reason
+    if reason is None:
         return json_response({"status": "ready", "masters": len(svc.fleet)})
-    return json_response({"status": "not ready", "reason": "first probe round not done yet"}, 503)
+    return json_response({"status": "not ready", "reason": reason}, 503)
+
+
+def master_json(svc: Service, rt: MasterRuntime) -> dict[str, Any]:
+    """One master's entry: its record, with the duty table's role and duties for it."""
+    return rt.as_dict(
+        svc.duties.role_of(rt.name),
+        svc.config.failover.recovery_timeout,
+        duties=svc.duties.duties_of(rt.name),
+    )
 
 
 async def masters(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
-    timeout = svc.config.failover.recovery_timeout
-    role_of = svc.duties.role_of
-    return json_response({"masters": [rt.as_dict(role_of(rt.name), timeout) for rt in svc.fleet]})
+    return json_response({"masters": [master_json(svc, rt) for rt in svc.fleet]})
 
 
 async def master(request: web.Request) -> web.Response:
     rt = _master_or_404(request)
-    svc = request.app[SERVICE]
-    return json_response(
-        rt.as_dict(svc.duties.role_of(rt.name), svc.config.failover.recovery_timeout)
-    )
+    return json_response(master_json(request.app[SERVICE], rt))
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -1,4 +1,8 @@
-"""GET /: the status page for people: masters, recent failovers, what is firing.
+"""GET /: the status page for people: masters, duties, recent failovers, what is firing.
+
+The Duties section puts, for every duty, the masters that report serving it (their own
+/health) next to the holder the exporter believes in (the duty table), with a red UNSERVED or
+SPLIT mark: a fleet of green masters that serves nothing must not look healthy.
 
 jinja2 with autoescape on, so a master named ``<script>`` shows as text. Firing alerts come
 from Alertmanager's v2 API when ``alertmanager.url`` is set (bounded wait; the page still
@@ -23,6 +27,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 from exporter import __version__
+from exporter.metrics import DutyStatus
 from exporter.service import Service
 from exporter.web.headers import page_csp
 from exporter.web.keys import SERVICE
@@ -81,6 +86,22 @@ async def firing_alerts(service: Service) -> tuple[list[dict[str, str]], str | N
     return sorted(alerts, key=lambda a: (a["severity"] != "critical", a["name"])), None
 
 
+def duty_rows(service: Service, status: DutyStatus) -> list[dict[str, Any]]:
+    """One row per duty: its state, who reports serving it, whom the exporter believes holds
+    it, and whether the masters agree (the believed holder is the one and only reporter)."""
+    rows = []
+    for duty, reported in status.holders.items():
+        believed = service.duties.holder_of(duty)
+        rows.append({
+            "name": duty,
+            "state": status.state(duty),
+            "reported": list(reported),
+            "believed": believed,
+            "agrees": believed is not None and list(reported) == [believed],
+        })
+    return rows
+
+
 async def status_page(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     timeout = service.config.failover.recovery_timeout
@@ -90,12 +111,16 @@ async def status_page(request: web.Request) -> web.Response:
         m = rt.as_dict(service.duties.role_of(rt.name), timeout)
         m["weight_effective"] = weights.get(rt.name, 0.0)
         masters.append(m)
+    status = service.duty_status()
+    duties = duty_rows(service, status)
     failovers = [dict(f, when=_utc(f.get("started"))) for f in service.recent_failovers(10)]
     alerts, alerts_error = await firing_alerts(service)
     html = _env.get_template("status.html").render(
         masters=masters,
         healthy=sum(m["state"] == "healthy" for m in masters),
-        score=service.fleet_health_score(),
+        duties=duties,
+        served=sum(d["state"] == "served" for d in duties),
+        score=service.fleet_health_score(status),
         strategy=service.strategy(),
         failover_mode=service.failover_mode(),
         failovers=failovers,

@@ -41,6 +41,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars",
                   "--remote-debugging-port=0"]
 PHONE, DESKTOP = (390, 844), (1280, 900)
+#: status.css: --bad and --ok, as getComputedStyle reports them.
+RED, GREEN = "rgb(207, 34, 46)", "rgb(26, 127, 55)"
 ALERT = {
     "labels": {"alertname": "HAMasterDown", "severity": "critical", "master": "master-a"},
     "annotations": {"summary": "Master master-a is down."},
@@ -56,6 +58,15 @@ READ_PAGE = """(() => {
       key: tr.dataset.master, name: tr.cells[0].textContent.trim(),
       nameElements: tr.cells[0].childElementCount, cells: cells(tr)})),
     failovers: rows('#failovers').map(cells),
+    duties: rows('#duties').map(tr => ({
+      key: tr.dataset.duty, state: tr.dataset.state, cells: cells(tr),
+      believedFlagged: tr.cells[3].classList.contains('err'),
+      mark: (m => m ? getComputedStyle(m).backgroundColor : null)(tr.querySelector('.mark'))})),
+    header: document.querySelector('header').innerText,
+    dutyBadge: (b => b ? {text: b.textContent.trim(),
+                          background: getComputedStyle(b).backgroundColor} : null)(
+      document.getElementById('duties-served')),
+    title: document.title,
     alerts: rows('#alerts').map(cells),
     sections: Object.fromEntries([...document.querySelectorAll('section')].map(
       s => [s.querySelector('h2').textContent.trim(), s.innerText])),
@@ -261,6 +272,8 @@ async def test_status_page_in_chromium_escaped_failovers_alerts_phone_and_deskto
                            15, "a successful failover away from master-a")
             await wait_for(lambda: svc.fleet.get("master-a").health.state == "failed", 5,
                            "master-a failed")
+            await wait_for(lambda: svc.duty_status().served == ["master-a", EVIL], 5,
+                           "master-c reporting master-a's duty")
             async with http.get(page) as r:
                 assert r.status == 200 and r.content_type == "text/html"
                 assert r.charset == "utf-8"
@@ -288,6 +301,20 @@ async def test_status_page_in_chromium_escaped_failovers_alerts_phone_and_deskto
                 await asyncio.wait_for(browser.expect("Page.loadEventFired"), 15)
                 refreshed_after = time.monotonic() - started
                 seen["refreshed"] = await browser.evaluate(READ_PAGE)
+
+                # Behind the exporter's back, the script-named master stops serving its own
+                # duty and takes master-a's too: one duty unserved, one split, all masters up.
+                async with http.post(f"{ue}/deactivate", json={}) as r:
+                    assert r.status == 200
+                async with http.post(f"{ue}/activate", json={"taken_over": "master-a"}) as r:
+                    assert r.status == 200
+                await wait_for(lambda: (svc.duty_status().split, svc.duty_status().unserved)
+                               == (["master-a"], [EVIL]), 5, "the drift seen by the exporter")
+                async with http.get(f"{base}/api/v1/masters") as r:
+                    api = {m["name"]: m for m in (await r.json())["masters"]}
+                await browser.load(page)
+                seen["drift"] = await browser.evaluate(READ_PAGE)
+                await browser.screenshot(ARTIFACTS / "status-duties-drift.png")
                 await asyncio.sleep(0)  # let a dialog event queued with the load be read
                 dialogs = list(browser.dialogs)
 
@@ -311,6 +338,33 @@ async def test_status_page_in_chromium_escaped_failovers_alerts_phone_and_deskto
         assert "Master master-a is down." in dom["html"], label
         assert dom["refresh"] and int(dom["refresh"]) >= 2, label
         assert dom["viewport"] and "width=device-width" in dom["viewport"], label
+    # Duties: what the masters say next to what the exporter believes, and the header
+    for label in ("phone", "desktop", "refreshed"):
+        dom = seen[label]
+        assert [d["cells"] for d in dom["duties"]] == [
+            ["master-a", "served", "master-c", "master-c"],  # failed over to the standby
+            [EVIL, "served", EVIL, EVIL],
+        ], label
+        assert not any(d["believedFlagged"] or d["mark"] for d in dom["duties"]), label
+        assert "duties: 2/2 served" in dom["header"], label
+        assert dom["dutyBadge"]["background"] == GREEN, label
+    drift = seen["drift"]
+    assert [(d["key"], d["state"], d["cells"][1:]) for d in drift["duties"]] == [
+        ("master-a", "split", ["SPLIT", f"{EVIL}, master-c", "master-c"]),
+        (EVIL, "unserved", ["UNSERVED", "nobody", EVIL]),
+    ]
+    assert [d["believedFlagged"] for d in drift["duties"]] == [True, True]
+    assert [d["mark"] for d in drift["duties"]] == [RED, RED], "UNSERVED/SPLIT in red"
+    assert drift["dutyBadge"] == {"text": "duties: 0/2 served", "background": RED}
+    # both serving masters are healthy, yet nothing is served as it should be
+    assert "2/3 healthy" in drift["header"] and "fleet health 0/100" in drift["header"]
+    assert "duties 0/2 served" in drift["title"]
+    assert (api[EVIL]["duties"], api[EVIL]["reported_active"], api[EVIL]["reported_duties"]) == (
+        [EVIL], True, ["master-a"])  # the exporter's belief next to the master's own word
+    assert (api["master-c"]["duties"], api["master-c"]["reported_duties"]) == (
+        ["master-a"], ["master-a"])
+    assert api["master-a"]["duties"] == []  # failed over: the exporter gives it none
+
     assert am_queries and am_queries[0].get("silenced") == "false"
     assert refreshed_after < 10
 

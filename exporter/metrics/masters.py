@@ -1,15 +1,12 @@
-"""/metrics: fleet-level metrics through prometheus_client, per-master families rendered direct.
+"""The per-master families of /metrics, written straight from the fleet's records.
 
-Per-master families (about 35 samples per master) are written straight from the MasterRuntime
-records by ``FleetCollector``: no client-library child object per label set, so 10,000 masters
-cost one pass over plain Python objects per scrape (see docs/benchmarks.md). Both the classic
-text format (0.0.4) and OpenMetrics 1.0 are produced; the scraper's Accept header chooses.
+About 35 samples per master are written by ``FleetCollector`` without a client-library child
+object per label set, so 10,000 masters cost one pass over plain Python objects per scrape
+(see docs/benchmarks.md). Each master's static line prefixes are cached and rebuilt only when
+its config or role changes.
 
-One bad value never breaks a scrape: Prometheus drops a whole scrape it cannot parse, and a 500
-loses every series at once. So every value is written finite or NaN, each per-master sample and
-each gauge callback is computed on its own (a failure gives NaN or drops that sample), every
-collector of the registry is isolated, and the failure is logged once per metric per
-``THROTTLE_SECONDS``, not on every scrape.
+Every sample is computed on its own: a failure gives NaN or drops that sample, and is logged
+once per metric per ``THROTTLE_SECONDS``, so one bad value never costs the scrape.
 """
 
 from __future__ import annotations
@@ -17,86 +14,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from itertools import accumulate
 from typing import TypeVar
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-)
-from prometheus_client import exposition as text_exposition
-from prometheus_client.metrics_core import Metric
-from prometheus_client.openmetrics import exposition as om_exposition
-from prometheus_client.registry import Collector
-
-from exporter import __version__
-from exporter.failover.moves import DURATION_BUCKETS
 from exporter.fleet import PROBE_BUCKETS, RESULTS, STATES, Fleet, MasterRuntime
 from exporter.logs import ThrottledLog
+from exporter.metrics.exposition import EXACT, THROTTLE_SECONDS, escape, fmt, sample_value
 
 log = logging.getLogger(__name__)
 
-TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the classic format
-OM_CONTENT_TYPE = om_exposition.CONTENT_TYPE_LATEST
-#: A failing metric is logged at most once per this many seconds.
-THROTTLE_SECONDS = 300.0
-#: Integers up to this are written exactly; larger ones as floats (float64 is what is stored).
-_EXACT = 2**53
 T = TypeVar("T")
-C = TypeVar("C", bound=Collector)
-
-
-def escape(value: str) -> str:
-    """Label-value escaping shared by both formats."""
-    if "\\" in value or '"' in value or "\n" in value:
-        value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return value
-
-
-def fmt(value: float) -> str:
-    """A number in the exposition's float syntax; a huge integer becomes a float (never a
-    400-digit literal, which Prometheus refuses)."""
-    if type(value) is int:  # the common case first: counts
-        if -_EXACT <= value <= _EXACT:
-            return str(value)
-        try:
-            value = float(value)
-        except OverflowError:
-            value = math.inf if value > 0 else -math.inf
-    if value != value:
-        return "NaN"
-    if value in (math.inf, -math.inf):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-def finite(value: object) -> float:
-    """A sample value, finite or NaN. Raises ValueError for infinities, numbers beyond
-    float64 and non-numbers (bools are numbers here: 0/1 gauges), so that the caller logs the
-    bug and writes NaN."""
-    if not isinstance(value, int | float):
-        raise ValueError(f"not a number: {type(value).__name__}")
-    try:
-        number = float(value)
-    except OverflowError:
-        raise ValueError("beyond float64") from None
-    if number in (math.inf, -math.inf):
-        raise ValueError(f"not finite: {number}")
-    return number
-
-
-def sample_value(value: object) -> str:
-    """``finite(value)`` as exposition text; integers in float64's exact range as they are."""
-    if type(value) is int and -_EXACT <= value <= _EXACT:
-        return str(value)
-    number = finite(value)
-    return "NaN" if number != number else repr(number)
-
 
 _BUCKET_LABELS = [f'le="{b}"' for b in PROBE_BUCKETS] + ['le="+Inf"']
 
@@ -244,7 +172,7 @@ class FleetCollector:
             for lines, v in zip(cached, values, strict=True):
                 if v is None:
                     continue
-                if (type(v) is int and -_EXACT <= v <= _EXACT) or (
+                if (type(v) is int and -EXACT <= v <= EXACT) or (
                     type(v) is float and v - v == 0.0
                 ):
                     add(f"{name}{{{lines.lab}}} {v}\n")  # the common case, kept cheap
@@ -368,131 +296,3 @@ class FleetCollector:
             if text != "NaN":  # a counter must not be NaN (OpenMetrics): dropped instead
                 add(f"ha_route_decisions_total{{{lab}}} {text}\n")
         return "".join(out)
-
-
-class CallbackGauge(Gauge):
-    """A Gauge whose ``set_function`` callback can never fail a scrape: an exception, or a
-    value that is not a finite number, is written NaN and logged (throttled)."""
-
-    errors: ThrottledLog = ThrottledLog(log, THROTTLE_SECONDS)  # ExporterMetrics sets its own
-
-    def set_function(self, f: Callable[[], float]) -> None:
-        errors, name = self.errors, self._name
-
-        def guarded() -> float:
-            try:
-                return finite(f())
-            except Exception:
-                errors.error(name, "metric %s: callback failed, written as NaN", name)
-                return math.nan
-
-        super().set_function(guarded)
-
-
-class _Isolated:
-    """One registered collector: if it fails, its own families are left out of the scrape."""
-
-    def __init__(self, inner: Collector, name: str, errors: ThrottledLog) -> None:
-        self.inner, self.name, self.errors = inner, name, errors
-
-    def collect(self) -> list[Metric]:
-        try:
-            return list(self.inner.collect())
-        except Exception:
-            self.errors.error(self.name, "collector %s failed, left out of the scrape", self.name)
-            return []
-
-    def describe(self) -> list[Metric]:
-        describe = getattr(self.inner, "describe", None)
-        return list(describe()) if describe is not None else self.collect()
-
-
-class ExporterMetrics:
-    """The exporter's own registry (fleet-level metrics) plus the per-master collector."""
-
-    def __init__(self, collector: FleetCollector) -> None:
-        self.collector = collector
-        self.errors = collector.errors
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.add_collector(ProcessCollector(registry=None), "process")
-        self.add_collector(PlatformCollector(registry=None), "platform")
-        self.build_info = self._gauge(
-            "ha_build_info", "Version of the running exporter; always 1.", ["version"]
-        )
-        self.build_info.labels(__version__).set(1)
-        self.config_reload_success = self._gauge(
-            "ha_config_last_reload_success", "1 if the last config (re)load succeeded."
-        )
-        self.config_reload_timestamp = self._gauge(
-            "ha_config_last_reload_success_timestamp_seconds",
-            "Unix time of the last successful config (re)load.",
-        )
-        self.fleet_health_score = self._gauge(
-            "ha_fleet_health_score",
-            "0..100: share of masters (maintenance excluded) serving; degraded count half.",
-        )
-        self.load_distribution_quality = self._gauge(
-            "ha_load_distribution_quality",
-            "0..100: how evenly queue per unit of weight is spread over routed masters.",
-        )
-        self.failovers = self.add_collector(
-            Counter(
-                "ha_failovers_total",
-                "Failovers by the master failed away from and result.",
-                ["master", "result"],
-                registry=None,
-            ),
-            "ha_failovers_total",
-        )
-        self.failover_duration = self.add_collector(
-            Histogram(
-                "ha_failover_duration_seconds",
-                "Time from failover start to its final result.",
-                buckets=DURATION_BUCKETS,
-                registry=None,
-            ),
-            "ha_failover_duration_seconds",
-        )
-        self.failover_in_progress = self._gauge("ha_failover_in_progress", "Failovers running now.")
-        self.failover_paused = self._gauge(
-            "ha_failover_paused", "1 while automatic failover is paused or disabled."
-        )
-        self.rebalances = self.add_collector(
-            Counter("ha_rebalances_total", "Weight shifts by reason.", ["reason"], registry=None),
-            "ha_rebalances_total",
-        )
-
-    def add_collector(self, collector: C, name: str) -> C:
-        """Register ``collector``, isolated: if it fails, only its own families are lost."""
-        self.registry.register(_Isolated(collector, name, self.errors))
-        return collector
-
-    def _gauge(self, name: str, help_text: str, labels: Iterable[str] = ()) -> CallbackGauge:
-        gauge = CallbackGauge(name, help_text, labels, registry=None)
-        gauge.errors = self.errors
-        return self.add_collector(gauge, name)
-
-    def _head(self, generate: Callable[[CollectorRegistry], bytes]) -> bytes:
-        try:
-            return generate(self.registry)
-        except Exception:
-            self.errors.error("registry", "fleet-level metrics left out of the scrape")
-            return b""
-
-    def _per_master(self, openmetrics: bool) -> str:
-        try:
-            return self.collector.render(openmetrics)
-        except Exception:
-            self.errors.error("per-master", "per-master metrics left out of the scrape")
-            return ""
-
-    def render(self, accept: str | None) -> tuple[bytes, str]:
-        """Body and content type for a scrape, OpenMetrics when the Accept header asks."""
-        openmetrics = accept is not None and "application/openmetrics-text" in accept
-        if openmetrics:
-            head = self._head(om_exposition.generate_latest).decode()
-            head = head.removesuffix("# EOF\n")
-            body = self._per_master(True) + "# EOF\n"
-            return head.encode() + body.encode(), OM_CONTENT_TYPE
-        head_bytes = self._head(text_exposition.generate_latest)
-        return head_bytes + self._per_master(False).encode(), TEXT_CONTENT_TYPE
