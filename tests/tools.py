@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from exporter.metrics import DUTY_FAMILIES, OWNED_COUNTERS
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = ROOT / "dashboards"
 RULES_DIR = ROOT / "alert_rules"
@@ -55,8 +57,11 @@ CONTRACT_METRICS: frozenset[str] = frozenset({
     "ha_fleet_health_score", "ha_load_distribution_quality", "ha_config_last_reload_success",
     "ha_build_info",
 })
-#: Exposed beyond the contract's minimum set, and used by the rules or dashboards.
-EXTRA_METRICS: frozenset[str] = frozenset({"ha_master_recovery_timed_out", "ha_master_needs_reset"})
+#: Exposed beyond the contract's minimum set (the duty families and store/checkpoint counters
+#: of the contract's later sections among them), and used by the rules or dashboards.
+EXTRA_METRICS: frozenset[str] = frozenset(
+    {"ha_master_recovery_timed_out", "ha_master_needs_reset"} | DUTY_FAMILIES | set(OWNED_COUNTERS)
+)
 #: Series every Prometheus has: target health and the alerts it evaluates.
 BUILTIN_SERIES: frozenset[str] = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE"})
 HISTOGRAMS: frozenset[str] = frozenset(

@@ -113,5 +113,5 @@ async def _guarded(call: StepCall[T], limit: float) -> T:
     except TimeoutError:
         if not guard.expired():
             raise
-        raise MasterCallError("?", "step", f"timeout after {limit:g}s") from None
+        raise MasterCallError("?", "step", f"timeout after {limit:g}s", kind="timeout") from None
     return out

@@ -23,6 +23,7 @@ from exporter.failover.errors import (
     UnknownMaster,
 )
 from exporter.routing.router import NoRoute
+from exporter.store import StoreError
 from exporter.web.jsonapi import ApiError, json_response
 from exporter.web.keys import REJECTIONS, SERVICE
 
@@ -40,6 +41,7 @@ DOMAIN_STATUS: dict[type[Exception], int] = {
     Unavailable: 503,
     FailoverRejected: 409,
     NoRoute: 503,
+    StoreError: 503,
 }
 
 
