@@ -1,11 +1,15 @@
 """Producer client against real HTTP servers on 127.0.0.1: a stand-in for the exporter's route
-API (backed by a real Router) and tiny masters that accept, fail, hang or refuse."""
+API (backed by a real Router, and serving the real routing-table handler when asked to) and
+tiny masters that accept, fail, hang or refuse."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -23,7 +27,10 @@ from exporter.client import (
 from exporter.config import BalancingConfig, MasterConfig
 from exporter.fleet import State
 from exporter.routing.router import NoRoute, Router
-from tests.support import closed_port, serve_app
+from exporter.web.keys import SERVICE
+from exporter.web.middleware import errors_as_json
+from exporter.web.routing import routing_table
+from tests.support import closed_port, serve_app, wait_for
 
 
 @dataclass
@@ -55,17 +62,42 @@ class FakeMaster:
 
 @dataclass
 class FakeExporter:
+    """``table``: serve GET /api/v1/routing-table with the exporter's own handler. ``freeze()``
+    makes every request wait until ``thaw()``, like a SIGSTOPped process: connections are
+    accepted, nothing is answered."""
+
     router: Router
+    table: bool = False
     reports: list[tuple[str, bool]] = field(default_factory=list)
     auth: list[str | None] = field(default_factory=list)
+    asked: int = 0  # GET /api/v1/route requests
+    running: asyncio.Event = field(default_factory=asyncio.Event)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        self.running.set()
+
+        @web.middleware
+        async def frozen(request: web.Request, handler: Callable[[web.Request], Awaitable[
+                web.StreamResponse]]) -> web.StreamResponse:
+            await self.running.wait()
+            return await handler(request)
+
+        app = web.Application(middlewares=[frozen, errors_as_json])
+        app[SERVICE] = self  # type: ignore[assignment]  # the handler reads .router only
         app.router.add_get("/api/v1/route", self.route)
         app.router.add_post("/api/v1/route/report", self.report)
+        if self.table:
+            app.router.add_get("/api/v1/routing-table", routing_table)
         return app
 
+    def freeze(self) -> None:
+        self.running.clear()
+
+    def thaw(self) -> None:
+        self.running.set()
+
     async def route(self, request: web.Request) -> web.Response:
+        self.asked += 1
         try:
             d = self.router.route(request.query.get("key"), request.query.get("region"))
         except NoRoute as exc:
@@ -75,7 +107,10 @@ class FakeExporter:
         return web.json_response({"master": d.master, "url": d.url, "strategy": d.strategy})
 
     async def report(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ConnectionResetError:  # the client gave up on a frozen exporter
+            return web.json_response({"error": "gone"}, status=400)
         self.auth.append(request.headers.get("Authorization"))
         self.reports.append((body["master"], body["ok"]))
         self.router.report(body["master"], body["ok"], body["latency_seconds"])
@@ -84,17 +119,21 @@ class FakeExporter:
 
 @asynccontextmanager
 async def fleet(
-    modes: Sequence[str], **balancing: object
+    modes: Sequence[str], table: bool = False, regions: Sequence[str] = (),
+    priorities: Sequence[int] = (), **balancing: object
 ) -> AsyncIterator[tuple[str, FakeExporter, list[FakeMaster]]]:
-    """Masters m0.. with the given modes, and an exporter routing over them (round robin)."""
+    """Masters m0.. with the given modes (and regions, priorities), and an exporter routing
+    over them (round robin unless told), serving the routing table if ``table``."""
     async with AsyncExitStack() as stack:
         masters = [FakeMaster(mode) for mode in modes]
         urls = [await stack.enter_async_context(serve_app(m.app())) for m in masters]
         configs = [
-            MasterConfig(name=f"m{i}", url=url, region="uae") for i, url in enumerate(urls)
+            MasterConfig(name=f"m{i}", url=url, region=regions[i] if regions else "uae",
+                         priority=priorities[i] if priorities else 100)
+            for i, url in enumerate(urls)
         ]
         router = Router(BalancingConfig(**balancing), configs, rng=random.Random(1))  # type: ignore[arg-type]
-        exporter = FakeExporter(router)
+        exporter = FakeExporter(router, table=table)
         base = await stack.enter_async_context(serve_app(exporter.app()))
         yield base, exporter, masters
 
@@ -212,6 +251,164 @@ async def test_own_session_is_closed_and_arguments_are_checked() -> None:
         Client("http://x", attempts=0)
     with pytest.raises(ValueError):
         Client("http://x", timeout=0)
+
+
+# ---- local routing from the routing table ---------------------------------------------------
+
+
+def in_rotation(client: Client) -> set[str]:
+    table = client.table
+    return {m.name for m in table.masters if m.effective_weight > 0} if table else set()
+
+
+@pytest.mark.parametrize("strategy", ["consistent_hash", "geo", "priority", "round_robin"])
+async def test_local_decisions_are_the_exporters_own(strategy: str) -> None:
+    """The client routes from the table; the exporter's router, which made no decision
+    meanwhile, then decides the same keys and regions: the answers must be the same."""
+    regions = ["uae", "uae", "usa", "usa", "eu"]
+    async with fleet(["ok"] * 5, table=True, regions=regions, priorities=[1, 1, 2, 2, 3],
+                     strategy=strategy, region_fallback=["usa"], slow_start=0) as (
+            base, exporter, _), Client(base, replay=False) as client:
+        exporter.router.set_state("m1", State.FAILED)
+        exporter.router.set_state("m2", State.DEGRADED)
+        asks = [(f"chat-{i}", ["uae", "usa", "eu", "mars"][i % 4]) for i in range(400)]
+        asks = [(k, g) for k, g in asks if strategy == "geo" or g != "mars"]
+        local: list[str] = []
+        for key, region in asks:
+            try:
+                local.append((await client.send({"id": key}, key=key, region=region))["master"])
+            except RequestRejected as exc:
+                assert strategy == "geo" and region == "mars" and exc.status == 400
+                local.append("rejected")
+        assert client.stats()["local_routing"] and exporter.asked == 0  # never asked
+        remote = []
+        for key, region in asks:
+            try:
+                remote.append(exporter.router.route(key, region).master)
+            except ValueError:
+                remote.append("rejected")
+    assert local == remote
+    assert "m1" not in local
+    if strategy == "round_robin":  # m2 degraded: half weight; exact over every 7 picks
+        assert Counter(local[:294]) == {"m0": 84, "m2": 42, "m3": 84, "m4": 84}
+
+
+async def test_route_asked_directly_is_the_exporters_and_send_can_ask_too() -> None:
+    async with fleet(["ok", "ok"], table=True) as (base, exporter, _):
+        async with Client(base) as client:
+            await client.send({"id": "a"})
+            assert exporter.asked == 0 and client.table is not None
+            assert (await client.route())["master"] in ("m0", "m1")
+            assert exporter.asked == 1  # /api/v1/route stays for whoever asks
+        async with Client(base, local_routing=False) as client:
+            await client.send({"id": "b"})
+            assert exporter.asked == 2 and client.table is None
+
+
+async def test_reports_go_out_in_the_background_with_the_token() -> None:
+    async with fleet(["ok"], table=True) as (base, exporter, _):
+        async with Client(base, token="s3cret") as client:
+            for i in range(20):
+                await client.send({"id": f"r{i}"})
+        assert exporter.reports == [("m0", True)] * 20  # close() sent what was queued
+        assert set(exporter.auth) == {"Bearer s3cret"}
+        assert client.stats()["reports_sent"] == 20
+
+
+async def test_the_client_fails_over_between_exporter_urls() -> None:
+    dead = f"http://127.0.0.1:{closed_port()}"
+    async with fleet(["ok", "ok"], table=True) as (base, _, _), Client(
+            [dead, base], timeout=1.0) as client:
+        result = await client.send({"id": "x"})
+        assert result["master"] in ("m0", "m1")
+        stats = client.stats()
+        assert stats["exporter"] == base and stats["local_routing"]
+        assert client.exporters == (dead, base)
+        assert (await client.route())["master"] in ("m0", "m1")  # asked: the live one
+        assert await client.report("m0", True, 0.01)
+
+
+async def test_every_exporter_stopped_the_producer_keeps_going_on_its_last_table(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Freeze the exporter (it accepts connections, answers nothing): the client keeps
+    delivering on its table, says how stale it is, drops reports; a master fails meanwhile;
+    once the exporter answers again the client takes the new table and stops sending there."""
+    async with fleet(["ok", "ok", "ok"], table=True, slow_start=0) as (
+            base, exporter, masters), Client(
+            base, attempts=4, backoff=0.01, timeout=0.3, watch_wait=0.5, stale_after=0.5,
+            eject_for=0, replay=False) as client:
+        for i in range(10):
+            await client.send({"id": f"before-{i}"})
+        version = client.stats()["table_version"]
+        exporter.freeze()
+        exporter.router.set_state("m1", State.FAILED)  # the exporter knows; nobody hears it
+        masters[1].mode = "error"
+        delivered, started = [], time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="exporter.client"):
+            while time.monotonic() - started < 2.0:
+                delivered.append(await client.send({"id": f"during-{len(delivered)}"}))
+                await asyncio.sleep(0.005)
+        stats = client.stats()
+        assert stats["table_version"] == version and not stats["exporter_up"]
+        assert stats["table_age_seconds"] > 1.0 and stats["reports_dropped"] > 0
+        assert "routing on a table" in caplog.text
+        assert {r["master"] for r in delivered} == {"m0", "m2"}
+        assert any(r["attempts"] == 2 for r in delivered)  # m1 tried first, then the next
+        assert len(masters[1].seen) > 0  # the old table still had m1 in rotation
+        exporter.thaw()
+        await wait_for(lambda: "m1" not in in_rotation(client), 5, "the new table")
+        tried = len(masters[1].seen)
+        results = [await client.send({"id": f"after-{i}"}) for i in range(30)]
+        assert {r["attempts"] for r in results} == {1} and len(masters[1].seen) == tried
+        assert client.stats()["exporter_up"] and client.stats()["table_age_seconds"] < 1.0
+        assert exporter.asked == 0 and "unusable" not in caplog.text  # never asked per message
+    ids = {r["id"] for r in [*delivered, *results]}
+    assert ids <= set(masters[0].accepted) | set(masters[2].accepted)
+
+
+async def test_a_master_failing_deliveries_is_ejected_locally_for_a_while() -> None:
+    async with fleet(["ok", "error", "ok", "ok"], table=True, slow_start=0,
+                     outlier_consecutive_failures=3) as (base, exporter, masters), Client(
+            base, attempts=3, backoff=0, timeout=0.3, eject_for=0.5, replay=False) as client:
+        await client.send({"id": "warm"})
+        exporter.freeze()  # nobody else takes m1 out
+        results = [await client.send({"id": f"e{i}"}) for i in range(60)]
+        assert client.stats()["locally_ejected"] == ["m1"]
+        assert len(masters[1].seen) == 3 and all(r["master"] != "m1" for r in results)
+        await asyncio.sleep(0.6)  # eject_for passes: tried again
+        await asyncio.gather(*(client.send({"id": f"f{i}"}) for i in range(8)))
+        assert len(masters[1].seen) > 3 and exporter.asked == 0
+        exporter.thaw()
+
+
+@pytest.mark.parametrize("body", [b'{"format": 1}', b"not json", b"[" * 100,
+                                  b'{"pad": "' + b"x" * (33 << 20) + b'"}'])
+async def test_an_unusable_table_means_asking_per_message(
+    body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with fleet(["ok"]) as (_, exporter, _):
+        async def table(request: web.Request) -> web.Response:
+            return web.Response(body=body, content_type="application/json")
+
+        app = exporter.app()
+        app.router.add_get("/api/v1/routing-table", table)
+        async with serve_app(app) as hostile, Client(hostile) as client:
+            with caplog.at_level(logging.WARNING, logger="exporter.client"):
+                result = await client.send({"id": "x"})
+            assert result["master"] == "m0" and client.table is None
+            assert exporter.asked == 1 and not client.stats()["local_routing"]
+            assert "unusable routing table" in caplog.text
+
+
+async def test_local_routing_arguments_are_checked() -> None:
+    for bad in ({"watch_wait": 0}, {"watch_wait": 61}, {"stale_after": 0}, {"eject_for": -1},
+                {"report_queue": 0}):
+        with pytest.raises(ValueError):
+            Client("http://x", **bad)  # type: ignore[arg-type]
+    for urls in ([], ["ftp://x"], "x", ["http://a"] * 65):
+        with pytest.raises(ValueError):
+            Client(urls)
 
 
 # ---- replay after a failover ----------------------------------------------------------------

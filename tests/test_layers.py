@@ -27,12 +27,13 @@ PACKAGE = "exporter"
 # (exporter.fleet.health -> "fleet"). The package root (exporter/__init__.py: the version) may
 # be imported from anywhere.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("config", "logs", "client"),  # client: nothing from the exporter (producers embed it)
+    ("config", "logs"),
     ("rules",),  # imports config only
     ("fleet",),
     ("store",),
     ("probing",),
     ("routing",),
+    ("client",),  # routes from the routing table with routing's code; nothing else (see ONLY)
     ("failover",),
     ("conformance",),  # a client of masters: uses failover.protocol's checksum and parsing
     ("metrics",),
@@ -47,7 +48,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 # (its snapshot checksum included), so it shares no code with the exporter it is tested against.
 ONLY: dict[str, frozenset[str]] = {
     "rules": frozenset({"config", "fleet", "routing"}),
-    "client": frozenset({"config", "fleet", "routing"}),
+    "client": frozenset({"client", "config", "fleet", "routing"}),
     "sim.master": frozenset({"sim.state"}),
     "sim.state": frozenset(),
 }

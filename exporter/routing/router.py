@@ -23,6 +23,9 @@ master at once, as long as no more than ``floor(max_ejection_percent * active ma
 ejected; the next time the health machine says it is serving it is re-admitted (with slow
 start). When the health machine takes it out (failed, maintenance) the ejection is dropped:
 the health machine owns it from there.
+
+The routing table (``self.table``, exporter.routing.table) publishes this pool to producers,
+which route from it with the same strategies; every change marks it for a rebuild.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from exporter.fleet import SERVING, RoleChanged, Sample, State, Transition
 from exporter.routing.rebalancing import LoadSample, RebalanceEvent, Rebalancer
 from exporter.routing.rebalancing import distribution_quality as _quality
 from exporter.routing.strategies import HashRing, Loads, Picker, Pool, Topology, build_picker
+from exporter.routing.table import TableFeed, TableRow, TableSource
 
 ACTIVE, STANDBY = "active", "standby"
 ROLES: tuple[str, ...] = (ACTIVE, STANDBY)
@@ -88,6 +92,7 @@ class Router:
     ) -> None:
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
+        self.table = TableFeed(self.table_source, clock)  # GET /api/v1/routing-table
         self._balancing = balancing
         self._strategy: str = balancing.strategy
         self._rebalancer = Rebalancer(balancing.rebalance)
@@ -194,6 +199,7 @@ class Router:
     def _mark_dirty(self) -> None:
         self._dirty = True
         self._picker: Picker | None = None
+        self.table.changed()
 
     def _set_ejected(self, m: _Member, ejected: bool) -> None:
         if m.ejected != ejected:
@@ -253,6 +259,7 @@ class Router:
             self._loads.queue[i] = 0.0
             self._queue_known[i] = False
         self._loads.in_flight[i] = 0
+        self.table.load_changed()
         if self._picker is not None:
             self._picker.load_changed(i)
 
@@ -425,6 +432,15 @@ class Router:
         self._fresh()
         weight_of = self._weight_of
         return {name: weight_of.get(i, 0.0) for i, name in enumerate(self._topo.names)}
+
+    def table_source(self) -> TableSource:
+        """The pool as of now for the routing table (exporter.routing.table)."""
+        self._fresh()
+        queue, known, weight_of = self._loads.queue, self._queue_known, self._weight_of
+        rows = [TableRow(m.config, m.role, str(m.state), m.ejected, weight_of.get(i, 0.0),
+                         queue[i] if known[i] else None) for i, m in enumerate(self._members)]
+        return TableSource(self._strategy, self._panic, self._balancing, rows, self._no_route,
+                           self._next_refresh)
 
     def is_ejected(self, name: str) -> bool:
         return self._member(name).ejected

@@ -1,25 +1,38 @@
-"""Routing API: where should this message go, how did it go, which strategy.
+"""Routing API: where should this message go, how did it go, which strategy, and the routing
+table producers route from on their own.
 
-Producers call GET /api/v1/route per message (see exporter.client); outcome reports feed
-passive outlier detection. Reports and strategy changes alter routing, so both are mutating
-requests and need the token (enforced by the auth middleware).
+Producers fetch and watch GET /api/v1/routing-table and route locally (see exporter.client);
+GET /api/v1/route answers one decision for clients that prefer to ask per message. Outcome
+reports feed passive outlier detection. Reports and strategy changes alter routing, so both are
+mutating requests and need the token (enforced by the auth middleware).
+
+The table watch is a long poll: ``?wait=30s&version=N`` answers at once when the current version
+is not N, else when it changes, else 304 (no body) once ``wait`` passes. ``version=N`` without
+``wait`` is a conditional read (304 when unchanged), like ``If-None-Match`` with the ETag.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 
 from aiohttp import web
 from pydantic import Field, field_validator
 
-from exporter.config import STRATEGIES
+from exporter.config import STRATEGIES, parse_duration
 from exporter.routing.router import Decision
+from exporter.routing.table import Snapshot, TooManyWaiters
 from exporter.web.jsonapi import ApiError, Body, json_response, read_body
 from exporter.web.keys import SERVICE
 
 #: Longest latency a report may carry; anything longer is a client's bug, not a measurement.
 MAX_REPORTED_LATENCY = 3600.0
+#: Longest a table watch may wait: it bounds how long a watch holds a connection, and how late
+#: a watching client notices an exporter that went silent.
+MAX_WAIT = 60.0
+_SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
+_VERSION = re.compile(r"[0-9]{1,19}")
 
 
 class Report(Body):
@@ -59,6 +72,53 @@ async def route(request: web.Request) -> web.Response:
     return web.Response(body=_decision_body(d), content_type="application/json", charset="utf-8")
 
 
+def _wait_param(raw: str) -> float:
+    """Seconds from a Prometheus-style duration ("30s", "500ms") or plain seconds ("30")."""
+    try:
+        seconds = float(raw) if _SECONDS.fullmatch(raw) else parse_duration(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"wait: {exc}") from None
+    if seconds > MAX_WAIT:
+        raise ApiError(400, f"wait: at most {MAX_WAIT:g}s")
+    return seconds
+
+
+def _version_param(raw: str) -> int:
+    version = int(raw) if _VERSION.fullmatch(raw) else -1
+    if not 0 <= version < 2**63:
+        raise ApiError(400, "version: must be a whole number between 0 and 2^63-1")
+    return version
+
+
+def _table_response(snap: Snapshot | None, etag: str) -> web.Response:
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if snap is None:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=snap.body, content_type="application/json", charset="utf-8",
+                        headers=headers)
+
+
+async def routing_table(request: web.Request) -> web.Response:
+    """The routing table (exporter.routing.table); a watch when ``version`` is given."""
+    query = request.query
+    feed = request.app[SERVICE].router.table
+    raw_wait, raw_version = query.get("wait"), query.get("version")
+    if raw_wait is not None and raw_version is None:
+        raise ApiError(400, "version: required with wait (the version the caller holds)")
+    wait = _wait_param(raw_wait) if raw_wait is not None else 0.0
+    if raw_version is not None:
+        held = _version_param(raw_version)
+        try:
+            snap = await feed.wait(held, wait)
+        except TooManyWaiters as exc:
+            raise ApiError(503, f"too many table watchers ({exc}); retry later") from None
+        return _table_response(snap, snap.etag if snap else f'"{held}"')
+    snap = feed.current()
+    if request.headers.get("If-None-Match", "").strip() == snap.etag:
+        return _table_response(None, snap.etag)
+    return _table_response(snap, snap.etag)
+
+
 async def report(request: web.Request) -> web.Response:
     body = await read_body(request, Report)
     svc = request.app[SERVICE]
@@ -95,6 +155,7 @@ async def balancing(request: web.Request) -> web.Response:
 
 ROUTES: list[web.RouteDef] = [
     web.get("/api/v1/route", route),
+    web.get("/api/v1/routing-table", routing_table),
     web.post("/api/v1/route/report", report),
     web.put("/api/v1/balancing/strategy", set_strategy),
     web.get("/api/v1/balancing", balancing),
