@@ -257,14 +257,17 @@ class ProbeConfig(_Strict):
     16 MiB at most): a master streaming an endless or huge body costs the exporter no more than
     this, and a larger answer counts as ``invalid_response``."""
 
-    interval: Duration = 5.0
-    timeout: Duration = 2.0
+    # Defaults detect a dead master in under 5 s: threshold x interval x (1 + jitter) + timeout
+    # + 2 ticks = 3 x 1.1 s + 0.75 s + 0.02 s = 4.07 s at worst (docs/benchmarks.md, Detection).
+    interval: Duration = 1.0
+    timeout: Duration = 0.75
     path: str = "/health"
     failure_threshold: int = Field(default=3, ge=1, le=100)
     recovery_threshold: int = Field(default=2, ge=1, le=100)
     degraded_latency: Duration = 0.5
     jitter: Fraction = 0.1
-    max_connections: int = Field(default=256, ge=1, le=65535)
+    # One keep-alive connection per master up to this many (bounded by the open-files limit).
+    max_connections: int = Field(default=16_384, ge=1, le=65535)
     max_body_bytes: int = Field(default=65_536, ge=1024, le=16_777_216)
 
     @field_validator("path")
@@ -313,6 +316,18 @@ class MasterConfig(_Strict):
 StepDuration = Annotated[float, _duration(MIN_STEP)]
 
 
+def _duration_or_none(value: Any) -> float | None:
+    """A duration of at least ``MIN_STEP``, or ``none`` (YAML null or the word) for no limit."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    seconds = parse_duration(value)
+    if seconds < MIN_STEP:
+        raise ValueError(f"must be at least {format_duration(MIN_STEP)} (or none)")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"must be at most {format_duration(MAX_DURATION)} (or none)")
+    return seconds
+
+
 class RebalanceConfig(_Strict):
     imbalance_ratio: Number = Field(default=2.0, gt=1.0, le=1000.0)
     for_: Duration = Field(default=30.0, alias="for")
@@ -353,6 +368,11 @@ class FailoverConfig(_Strict):
     # the biggest GET /state read from a master (bytes): a larger or endless snapshot fails
     # the read instead of exhausting the exporter's memory
     max_state_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=1024 * 1024 * 1024)
+    # a backup is activated without state only when this is false (or an operator overrides
+    # it): a stateless takeover drops every session and pending message of the duty
+    require_state: bool = True
+    # a checkpoint older than this is not moved (``none``: any age); then require_state decides
+    max_checkpoint_age: Annotated[float | None, BeforeValidator(_duration_or_none)] = 300.0
     pre_hook: HookConfig | None = None
     post_hook: HookConfig | None = None
 

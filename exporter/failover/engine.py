@@ -4,7 +4,8 @@ A *move* hands the duties a master holds (its own, plus any it had taken over) t
 master. Three kinds share the steps:
 
 * ``failover``   — the master failed: fence it (best effort), fetch its state (live, else the
-  last checkpoint), import into a backup, verify, activate, commit routing;
+  last checkpoint young enough), import into a backup, verify, activate, commit routing; with
+  no state left it is refused while ``failover.require_state`` holds (``policy.judge_state``);
 * ``switchover`` — graceful: the old master is released only after the new one is active (make
   before break), and its state is fetched live;
 * ``failback``   — a recovered master takes its own duty back from the backup that holds it.
@@ -32,10 +33,11 @@ from exporter.failover.duties import DutyTable
 from exporter.failover.errors import Conflict
 from exporter.failover.ledger import Ledger
 from exporter.failover.moves import Interrupted, Move, MoveRequest, RoutingCallback, StepFailed
+from exporter.failover.policy import StateVerdict, judge_state
 from exporter.failover.protocol import MasterCallError, MasterClient, Snapshot, parse_snapshot_async
 from exporter.failover.records import FailoverRecord, HookContext
 from exporter.failover.selection import Ranking, rank
-from exporter.failover.stats import FailoverStats
+from exporter.failover.stats import FailoverStats, StateSource
 from exporter.failover.steps import Steps
 from exporter.failover.undo import Undoer
 from exporter.fleet import Fleet, MasterRuntime
@@ -81,6 +83,10 @@ class MoveEngine:
         """Masters a move is using now: moved away from, or taking over."""
         return set(self._tasks) | set(self.busy)
 
+    def moving_duties(self) -> set[str]:
+        """Duties a move in flight is handing over."""
+        return {duty for move in self._moves.values() for duty in move.duties}
+
     def tasks(self) -> list[asyncio.Task[FailoverRecord]]:
         return list(self._tasks.values())
 
@@ -88,9 +94,11 @@ class MoveEngine:
         for move in list(self._moves.values()):
             move.interrupt(reason)
 
-    def launch(self, req: MoveRequest, started: float) -> asyncio.Task[FailoverRecord]:
+    def launch(self, req: MoveRequest, started: float,
+               allow_state_loss: bool = False) -> asyncio.Task[FailoverRecord]:
         """Start ``req`` as a task, registered until it ends."""
-        task = asyncio.create_task(self.execute(req, started), name=f"{req.kind}-{req.master}")
+        task = asyncio.create_task(self.execute(req, started, allow_state_loss),
+                                   name=f"{req.kind}-{req.master}")
         self._tasks[req.master] = task
 
         def forget(done: asyncio.Task[FailoverRecord]) -> None:
@@ -125,8 +133,10 @@ class MoveEngine:
         return ranking
 
     # --- one move ----------------------------------------------------------------------------
-    async def execute(self, req: MoveRequest, started: float) -> FailoverRecord:
-        """Run the move and close its record; an unexpected error closes it as failed."""
+    async def execute(self, req: MoveRequest, started: float,
+                      allow_state_loss: bool = False) -> FailoverRecord:
+        """Run the move and close its record; an unexpected error closes it as failed.
+        ``allow_state_loss``: an operator lets a failover go on without state."""
         fid = self.store.begin_failover(req.master, req.trigger, req.reason, started, req.kind)
         move = Move(fid, req.kind, req.master, req.source, list(req.duties), req.trigger,
                     req.reason, req.actor, started, time.monotonic() + self.settings().deadline)
@@ -140,7 +150,7 @@ class MoveEngine:
         result, why = "failed", ""
         try:
             async with self._slot(move):
-                result, why = await self._run(move, req.to)
+                result, why = await self._run(move, req.to, allow_state_loss)
         except Interrupted as exc:
             result, why = "rolled_back", str(exc)
         except StepFailed as exc:
@@ -169,7 +179,7 @@ class MoveEngine:
                 self._running -= 1
                 self._slot_free.notify_all()
 
-    async def _run(self, move: Move, to: str | None) -> tuple[str, str]:
+    async def _run(self, move: Move, to: str | None, allow_state_loss: bool) -> tuple[str, str]:
         fo = self.settings()
         order = self._select(move, to, fo.max_candidates)
         if not order:
@@ -187,7 +197,11 @@ class MoveEngine:
         try:
             if move.kind == "failover":
                 await self._fence(move, src)
-            snapshot = await self._fetch(move, src)
+            snapshot, verdict = await self._fetch(move, src, allow_state_loss)
+            if verdict.refused_by is not None:
+                await self.undo.unfence(move, src)
+                self._refused(move, verdict)
+                return "failed", verdict.note
             for cand in order:
                 if await self._try_candidate(move, cand, snapshot):
                     winner = cand
@@ -200,7 +214,9 @@ class MoveEngine:
             return "failed", f"every candidate failed ({len(order)} tried)"
         if move.kind != "failover":
             await self.undo.release(move, src)
-        return "success", f"{move.master} -> {winner.name}"
+        elif verdict.source == "none":
+            self._state_lost(move, winner.name, verdict, allow_state_loss)
+        return "success", f"{move.master} -> {winner.name}; {verdict.note}"
 
     def _select(self, move: Move, to: str | None, limit: int) -> list[MasterRuntime]:
         started = self.steps.begin(move, "select")
@@ -229,45 +245,77 @@ class MoveEngine:
         except StepFailed as exc:
             self.store.add_cleanup(move.source, "fence", None, move.id, exc.reason)
 
-    async def _fetch(self, move: Move, src: MasterRuntime) -> Snapshot | None:
-        """The source's state, live; a failover falls back to the last checkpoint, and then
-        proceeds without state rather than leave the duty unserved."""
+    async def _fetch(self, move: Move, src: MasterRuntime,
+                     allow_state_loss: bool) -> tuple[Snapshot | None, StateVerdict]:
+        """The source's state, live; a failover falls back to the last checkpoint, and whether
+        it may go on with what was found is judged here (``judge_state``), so the fetch step
+        of the record says where the state came from (``source``) and what the rules said."""
         started = self.steps.begin(move, "fetch")
         detail: dict[str, Any] = {"from": move.source}
         snap: Snapshot | None
+        found: StateSource = "live"
+        age: float | None = None
         try:
             snap = await self.steps.call(move, partial(
                 self.client.get_state, move.source, src.config.url))
-            detail.update(source="live")
         except MasterCallError as exc:
             detail["live_error"] = exc.reason
-            snap = await self._checkpoint(move, detail) if move.kind == "failover" else None
-            if snap is None:
-                if move.kind != "failover":
-                    self.steps.done(move, "fetch", started, "error", detail)
-                    raise StepFailed("fetch", exc.reason) from None
-                detail["source"] = "none"
-                log.error("failover of %s proceeds WITHOUT state: %s and no usable checkpoint",
-                          move.master, exc.reason, extra={"event": "failover_step",
-                                                          "master": move.master})
+            if move.kind != "failover":
+                self.steps.done(move, "fetch", started, "error", detail)
+                raise StepFailed("fetch", exc.reason) from None
+            snap, age = await self._checkpoint(move, detail)
+            found = "checkpoint" if snap is not None else "none"
+        fo = self.settings()
+        verdict = judge_state(found, age, fo.require_state, fo.max_checkpoint_age,
+                              allow_state_loss)
+        if verdict.source == "none":
+            snap = None
+        detail.update(source=verdict.source, state=verdict.note)
         if snap is not None:
             detail.update(checksum=snap.checksum, bytes=snap.size, sessions=snap.sessions,
                           pending_messages=snap.pending_messages)
         self.steps.done(move, "fetch", started, "ok" if snap is not None else "error", detail)
-        return snap
+        self.store.journal(move.id, "fetch", "done", detail={"source": verdict.source})
+        self.stats.state_moved(move.master, verdict.source)
+        return snap, verdict
 
-    async def _checkpoint(self, move: Move, detail: dict[str, Any]) -> Snapshot | None:
+    async def _checkpoint(self, move: Move, detail: dict[str, Any]
+                          ) -> tuple[Snapshot | None, float | None]:
+        """The last checkpoint of the source, verified, and its age in seconds."""
         ckpt = await self.store.acheckpoint(move.source)
         if ckpt is None:
-            return None
+            return None, None
         ts, _checksum, raw = ckpt
         try:
             snap = await parse_snapshot_async(raw, move.source, "checkpoint")
         except MasterCallError as bad:
             detail["checkpoint_error"] = bad.reason
-            return None
-        detail.update(source="checkpoint", checkpoint_age=time.time() - ts)
-        return snap
+            return None, None
+        age = time.time() - ts
+        detail["checkpoint_age"] = age
+        return snap, age
+
+    def _refused(self, move: Move, verdict: StateVerdict) -> None:
+        """Nobody was activated: the failed master keeps its duties, and an operator decides
+        (bring it back, or fail over with ``allow_state_loss``)."""
+        rule = verdict.refused_by or "require_state"
+        self.stats.refused(move.master, rule)
+        self.store.audit("exporter", "failover_refused", move.master, {
+            "failover_id": move.id, "rule": f"failover.{rule}", "why": verdict.note})
+        log.error("%s of %s refused: %s", move.kind, move.master, verdict.note,
+                  extra={"event": "failover_refused", "master": move.master,
+                         "failover_id": move.id, "rule": rule})
+
+    def _state_lost(self, move: Move, backup: str, verdict: StateVerdict,
+                    allowed_by_operator: bool) -> None:
+        """A backup serves the duties without their state: every session and pending message
+        of the failed master is gone. Audited under whoever allowed it."""
+        actor = move.actor if allowed_by_operator else "exporter"
+        self.store.audit(actor, "state_lost", move.master, {
+            "failover_id": move.id, "backup": backup, "why": verdict.note})
+        log.error("%s of %s activated %s WITHOUT state: %s", move.kind, move.master, backup,
+                  verdict.note, extra={"event": "failover_state_lost", "master": move.master,
+                                       "failover_id": move.id, "backup": backup})
 
     async def _try_candidate(self, move: Move, cand: MasterRuntime,
                              snapshot: Snapshot | None) -> bool:

@@ -5,12 +5,14 @@
 * ``MoveEngine`` runs a move (``engine.py``), with ``Steps`` (journal, bounds, timing),
   ``Undoer`` (rollback and queued undo calls) and ``Ledger`` (records, statistics);
 * ``CrashRecovery`` closes the moves a crash left open (``recovery.py``);
+* ``RealityCheck`` makes the duty table agree with what the masters serve (``reality.py``);
 * ``Notifier`` posts finished moves to the post-hook and Alertmanager (``notify.py``);
 * ``Checkpointer`` keeps the last state of every active master (``checkpoints.py``).
 
 The manager owns the triggers (health events, the periodic reconcile), the switches (enabled,
-pause, dry run), single flight per master, and the per-master and fleet-wide cooldowns. Manual
-actions ignore pause and cooldowns; only a shutdown refuses them.
+pause, dry run), single flight per master, and the per-master and fleet-wide cooldowns. A
+cooldown never holds back the failover of a duty nobody serves. Manual actions ignore pause and
+cooldowns; only a shutdown refuses them.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from exporter.failover.ledger import Ledger
 from exporter.failover.moves import MoveRequest, RoutingCallback
 from exporter.failover.notify import Notifier
 from exporter.failover.plan import planned_steps
-from exporter.failover.policy import Cooldowns, Failback, failback_decision, must_fence
-from exporter.failover.protocol import MasterCallError, MasterClient
+from exporter.failover.policy import UNSUCCESSFUL, Cooldowns, Failback, failback_decision
+from exporter.failover.reality import ControlMarks, RealityCheck, WatchedClient
+from exporter.failover.records import FailoverRecord
 from exporter.failover.recovery import CrashRecovery
 from exporter.failover.stats import FailoverStats
 from exporter.failover.steps import Steps
@@ -67,8 +70,10 @@ class FailoverManager:
         self.store = store
         self.duties = duties
         self.publish = publish
+        self.marks = ControlMarks(fleet)
         # one new fencing epoch per start: this exporter outranks any older one still running
-        self.client = MasterClient(session, config.failover.step_timeout, store.next_epoch())
+        self.client = WatchedClient(session, config.failover.step_timeout, store.next_epoch(),
+                                    self.marks.touch)
         log.info("fencing epoch %d", self.client.epoch, extra={"event": "fencing_epoch",
                                                                "epoch": self.client.epoch})
         self.checkpoints = Checkpointer(store, self.client)
@@ -81,7 +86,10 @@ class FailoverManager:
                                  self.ledger, self.stats, self._settings, on_routing_change)
         self.recovery = CrashRecovery(self.engine, self.undo, self.ledger, self.client, store,
                                       fleet, self._settings)
-        self.cooldowns = Cooldowns(store.last_failover_times(COOLDOWN_RESULTS))
+        self.reality = RealityCheck(fleet, duties, store, self.engine, self.undo, self.marks)
+        self.cooldowns = Cooldowns(store.last_failover_times(COOLDOWN_RESULTS),
+                                   store.last_failover_times(UNSUCCESSFUL))
+        _warn_on_state_rules(config)
         self._paused = store.paused()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -142,13 +150,24 @@ class FailoverManager:
         return [dict(record) for record in await self.recovery.recover_all()]
 
     async def _periodic(self) -> None:
+        """Checkpoints every ``checkpoint_interval``. The reconcile every probe interval too,
+        so that a duty found unserved is seen to within one probe round; never before every
+        master has been probed, and right after that first round, so that a duty table the
+        fleet no longer matches (a state file from an earlier run) is corrected before anything
+        is done on its word (a queued fence, a failover)."""
+        next_checkpoint = 0.0
         while not self._stopping:
             try:
-                await self.checkpoint_round()
-                await self.reconcile()
+                if time.monotonic() >= next_checkpoint:
+                    next_checkpoint = time.monotonic() + self.config.failover.checkpoint_interval
+                    await self.checkpoint_round()
+                if self.reality.complete():
+                    await self.reconcile()
             except Exception:
                 log.exception("failover periodic round failed")
-            await asyncio.sleep(self.config.failover.checkpoint_interval)
+            pause = min(self.config.failover.checkpoint_interval, self.config.probe.interval)
+            await (asyncio.sleep(pause) if self.reality.complete()
+                   else self.reality.wait_complete(pause))
 
     def update_config(self, config: Config) -> None:
         """After a reload (the fleet is updated first): new timeouts and switches apply to the
@@ -157,6 +176,7 @@ class FailoverManager:
         self.client.timeout = config.failover.step_timeout
         names = {m.name for m in config.masters}
         self.checkpoints.forget([n for n in self.checkpoints.times if n not in names])
+        _warn_on_state_rules(config)
 
     async def shutdown(self, deadline: float = 8.0) -> None:
         """Stop automatic work; let moves in flight finish within half of ``deadline``
@@ -189,8 +209,10 @@ class FailoverManager:
         elif t.new in SERVING and t.old in (State.FAILED, State.RECOVERING):
             await self._on_recovered(rt)
 
-    async def auto_failover(self, master: str, reason: str) -> dict[str, Any] | None:
-        """The automatic path: honours enabled/pause, single flight and cooldowns."""
+    async def auto_failover(self, master: str, reason: str,
+                            unserved: bool | None = None) -> dict[str, Any] | None:
+        """The automatic path: honours enabled/pause, single flight and cooldowns (but no
+        cooldown holds back a duty nobody serves; ``unserved``: already known)."""
         if self.engine.is_running(master):
             log.info("failover of %s already running; %s ignored", master, reason,
                      extra={"event": "failover_duplicate", "master": master})
@@ -205,7 +227,9 @@ class FailoverManager:
             return None
         if not self.duties.duties_of(master):
             return None
-        cool = self._cooldown_left(master)
+        if unserved is None:
+            unserved = self.reality.unserved(master)
+        cool = self._cooldown_left(master, unserved=unserved)
         if cool is not None:
             scope, left = cool
             return dict(self.ledger.record_only(
@@ -218,18 +242,22 @@ class FailoverManager:
                         extra={"event": "failover_not_started", "master": master})
             return None
 
-    def _cooldown_left(self, master: str, fleet: bool = True) -> tuple[str, float] | None:
+    def _cooldown_left(self, master: str, fleet: bool = True,
+                       unserved: bool = False) -> tuple[str, float] | None:
         fo = self.config.failover
-        return self.cooldowns.left(master, time.time(), fo.cooldown, fo.fleet_cooldown, fleet)
+        return self.cooldowns.left(master, time.time(), fo.cooldown, fo.fleet_cooldown, fleet,
+                                   unserved)
 
     async def _on_recovered(self, rt: MasterRuntime) -> None:
+        """What it serves is reconciled first (it may have come back active by its own
+        config), then its queued undo calls (checked against the reconciled table), then
+        failback."""
         name = rt.name
+        await self._reconcile_reality()
         await self.undo.retry_queued(only=name)
         holder = self.duties.assigned_away(name)
         if holder is None:
             return
-        if not self.duties.duties_of(name):  # only then can it be a split brain: ask it
-            await self._fence_if_split(rt, await self._reports_active(rt))
         decision = self._failback_decision(rt)
         if decision is Failback.NOW:
             with contextlib.suppress(FailoverRejected):
@@ -241,21 +269,11 @@ class FailoverManager:
         log.info("master %s is back and stays standby (its duty is held by %s)", name, holder,
                  extra={"event": "recovered_as_standby", "master": name, "holder": holder})
 
-    async def _reports_active(self, rt: MasterRuntime) -> bool | None:
-        """What the master's own /health says now (it may have restarted from its config)."""
-        try:
-            h = await self.client.health(rt.name, rt.config.url)
-        except MasterCallError:
-            return None
-        return bool(h.get("active"))
-
-    async def _fence_if_split(self, rt: MasterRuntime, reports_active: bool | None) -> bool:
-        holder = self.duties.assigned_away(rt.name)
-        if not must_fence(reports_active, holder, bool(self.duties.duties_of(rt.name)),
-                          self.engine.is_running(rt.name)):
-            return False
-        await self.undo.fence_returning(rt, holder)
-        return True
+    async def _reconcile_reality(self) -> set[str]:
+        """``RealityCheck.reconcile``: a dry run calls no master (it only corrects the table)."""
+        fo = self.config.failover
+        return await self.reality.reconcile(self.automatic and not fo.dry_run,
+                                            fo.enabled and not fo.dry_run)
 
     def _failback_decision(self, rt: MasterRuntime) -> Failback:
         return failback_decision(
@@ -314,26 +332,31 @@ class FailoverManager:
             self.publish(t)
 
     async def failover(self, master: str, to: str | None = None, trigger: str = "manual",
-                       reason: str = "manual failover", actor: str = "api") -> dict[str, Any]:
-        """Fail ``master`` over (fence first). Manual calls ignore pause and cooldown."""
+                       reason: str = "manual failover", actor: str = "api",
+                       allow_state_loss: bool = False) -> dict[str, Any]:
+        """Fail ``master`` over (fence first). Manual calls ignore pause and cooldown;
+        ``allow_state_loss`` lets it activate a backup without state where
+        ``failover.require_state`` would refuse (audited under ``actor``)."""
         self._known(master)
         duties = self.duties.duties_of(master)
         if not duties:
             raise Conflict(f"master {master!r} holds no duties (it is standby)")
         return await self._start(MoveRequest("failover", master, master, tuple(duties), to,
-                                             trigger, reason, actor))
+                                             trigger, reason, actor), allow_state_loss)
 
     async def switchover(self, frm: str, to: str | None = None, actor: str = "api",
-                         reason: str = "manual switchover") -> dict[str, Any]:
+                         reason: str = "manual switchover",
+                         allow_state_loss: bool = False) -> dict[str, Any]:
         """Graceful: ``to`` is activated before ``frm`` is released. A ``frm`` that is not
-        serving cannot hand over gracefully, so that becomes a (fencing) failover."""
+        serving cannot hand over gracefully, so that becomes a (fencing) failover, which
+        ``allow_state_loss`` lets go on without state."""
         rt = self._known(frm)
         duties = self.duties.duties_of(frm)
         if not duties:
             raise Conflict(f"master {frm!r} holds no duties (it is standby)")
         if rt.health.state not in SERVING:
             return await self.failover(frm, to, "manual", f"{reason} (source {rt.health.state})",
-                                       actor)
+                                       actor, allow_state_loss)
         return await self._start(MoveRequest("switchover", frm, frm, tuple(duties), to,
                                              "manual", reason, actor))
 
@@ -350,7 +373,7 @@ class FailoverManager:
         return await self._start(MoveRequest("failback", name, holder, (name,), name, trigger,
                                              f"failback of {name} from {holder}", actor))
 
-    async def _start(self, req: MoveRequest) -> dict[str, Any]:
+    async def _start(self, req: MoveRequest, allow_state_loss: bool = False) -> dict[str, Any]:
         """Single flight, a valid ``to``, then a dry run's record or the move's."""
         if self._stopping:
             raise Unavailable("exporter is shutting down")
@@ -368,7 +391,14 @@ class FailoverManager:
             return self._dry_run(req)
         now = time.time()
         self.cooldowns.mark(req.master, now)
-        return dict(await asyncio.shield(self.engine.launch(req, now)))
+        task = self.engine.launch(req, now, allow_state_loss)
+
+        def settle(done: asyncio.Task[FailoverRecord]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self.cooldowns.settle(req.master, done.result()["result"])
+
+        task.add_done_callback(settle)
+        return dict(await asyncio.shield(task))
 
     def _dry_run(self, req: MoveRequest) -> dict[str, Any]:
         """Record exactly what would be done, touch nothing (no master is called)."""
@@ -387,6 +417,7 @@ class FailoverManager:
             candidates=ranking.candidates if ranking else [], kind=req.kind,
             duration=time.perf_counter() - t0)
         self.cooldowns.mark(req.master, record["started"])
+        self.cooldowns.settle(req.master, "dry_run")
         return dict(record)
 
     # --- periodic work -----------------------------------------------------------------------
@@ -398,23 +429,39 @@ class FailoverManager:
                                             skip=busy.__contains__)
 
     async def reconcile(self) -> None:
-        """Retry queued undo calls, fence masters that came back active without their duty
-        (even while paused), and do the automatic work a cooldown or a failed attempt left: an
-        active master still failed gets another failover once its cooldown is over; a
-        recovered master with failback auto gets its duty back."""
+        """Reconcile the duty table to what the masters serve (a second holder is stopped even
+        while paused), retry queued undo calls (each checked against the reconciled table),
+        and do the automatic work a cooldown or a failed attempt left: the duties of a failed
+        holder nobody serves are failed over now, those of an active master still failed once
+        its cooldown is over; a recovered master with failback auto gets its duty back."""
+        gone = await self._reconcile_reality()
         await self.undo.retry_queued()
-        for rt in self.fleet:
-            if await self._fence_if_split(rt, rt.reported_active):
-                rt.reported_active = None  # until the next probe says otherwise
         if not self.automatic:
             return
+        serving = self.reality.serving()
         for rt in self.fleet:
             name = rt.name
             if self.engine.is_running(name):
                 continue
-            if rt.health.state is State.FAILED and self.duties.duties_of(name):
-                if self._cooldown_left(name) is None:
-                    await self.auto_failover(name, "still failed after cooldown; retrying")
+            if (rt.health.state is State.FAILED or name in gone) and self.duties.duties_of(name):
+                unserved = self.reality.unserved(name, serving)
+                if self._cooldown_left(name, unserved=unserved) is None:
+                    await self.auto_failover(name, "its duties are served by nobody" if unserved
+                                             else "still failed after cooldown; retrying",
+                                             unserved)
             elif self._failback_decision(rt) is Failback.NOW:
                 with contextlib.suppress(FailoverRejected):
                     await self.failback(name, trigger="auto", actor="exporter")
+
+
+def _warn_on_state_rules(config: Config) -> None:
+    """A ``max_checkpoint_age`` shorter than a checkpoint is old when a failure is detected
+    refuses failovers from a checkpoint that are on time: said once at start and reload."""
+    fo, probe = config.failover, config.probe
+    limit = fo.max_checkpoint_age
+    detect = probe.failure_threshold * probe.interval * (1 + probe.jitter) + probe.timeout
+    if limit is not None and limit < fo.checkpoint_interval + detect:
+        log.warning("failover.max_checkpoint_age (%gs) is shorter than checkpoint_interval plus "
+                    "the detection time (%.1fs): failovers from a checkpoint may be refused",
+                    limit, fo.checkpoint_interval + detect,
+                    extra={"event": "config_warning"})

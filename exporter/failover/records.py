@@ -12,7 +12,10 @@ from typing import Any, NotRequired, Required, TypedDict, cast
 
 
 class StepEntry(TypedDict):
-    """One executed step of a move, in order, in the record's ``steps``."""
+    """One executed step of a move, in order, in the record's ``steps``. The ``fetch`` step's
+    ``detail`` says where the move's state came from (``source``: live, checkpoint or none)
+    and what the state rules made of it (``state``), so every record answers "was state
+    lost?" on its own."""
 
     step: str
     status: str  # "ok" or "error"

@@ -29,6 +29,7 @@ from exporter.failover.ledger import Ledger
 from exporter.failover.moves import Interrupted, Move, StepFailed
 from exporter.failover.protocol import MasterCallError, MasterClient
 from exporter.failover.records import FailoverRecord
+from exporter.failover.stats import STATE_SOURCES, StateSource
 from exporter.failover.undo import Undoer
 from exporter.fleet import Fleet, MasterRuntime
 from exporter.store.sqlite import Store
@@ -67,6 +68,16 @@ def read_attempts(entries: list[dict[str, Any]]) -> dict[str, Attempt]:
         info.routing |= e["step"] == "routing"
         info.rolled |= e["step"] == "rollback" and e["status"] == "done"
     return attempts
+
+
+def state_source(entries: list[dict[str, Any]]) -> StateSource | None:
+    """Where the move's state came from, as its fetch step journalled it (None: not fetched)."""
+    for e in entries:
+        found = e["detail"].get("source") if e["step"] == "fetch" else None
+        for known in STATE_SOURCES:
+            if found == known:
+                return known
+    return None
 
 
 class CrashRecovery:
@@ -111,6 +122,9 @@ class CrashRecovery:
         log.warning("recovering interrupted %s #%d of %s", kind, fid, master,
                     extra={"event": "failover_recover", "failover_id": fid, "master": master})
         attempts = read_attempts(entries)
+        source = state_source(entries)
+        if source is not None:  # the result is counted under the state the move carried
+            self.ledger.stats.state_moved(master, source)
         move.fenced = kind == "failover" and any(e["step"] == "fence" for e in entries)
         src = self.fleet.get(move.source)
         names = list(attempts)

@@ -3,13 +3,19 @@
 Pure and single-pass so that it is cheap at 10,000 masters and testable without a network.
 Rules, in order: eligible at all (not the failed master, ``failover: never`` not set, not in
 maintenance, healthy — degraded is passed over —, not mid-takeover, in an allowed region), then
-standby before active, lower priority number, same region as the failed master, least load
-(queue length; unknown counts as 0), name (so the choice is deterministic).
+standby before active, region, lower priority number, least load (queue length; unknown counts
+as 0), name (so the choice is deterministic).
+
+Region ranks before priority: a backup in the failed master's region keeps its producers'
+latency and data residency, which is what an operator expects of "a same-region backup"; a
+priority number orders masters within a region, it does not send a duty abroad while a healthy
+standby is free at home. The failed master's ``failover_regions``, when set, says otherwise: its
+regions are then preferred in the order listed (and no other region is eligible).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from exporter.failover.records import CandidateEntry
@@ -34,7 +40,7 @@ class Ranking:
 
 
 def _passed_over(rt: MasterRuntime, failed: str, busy: Mapping[str, str],
-                 allowed_regions: Collection[str] | None) -> str | None:
+                 allowed_regions: Sequence[str] | None) -> str | None:
     name = rt.name
     if name == failed:
         return "is the master being failed away from"
@@ -52,14 +58,25 @@ def _passed_over(rt: MasterRuntime, failed: str, busy: Mapping[str, str],
     return None
 
 
+def region_order(region: str, allowed_regions: Sequence[str] | None) -> Callable[[str], int]:
+    """The rank of a backup's region (lower is preferred): the order of ``allowed_regions``
+    when given, else the failed master's ``region`` first and every other one after it."""
+    if allowed_regions:
+        order = {r: i for i, r in reversed(list(enumerate(allowed_regions)))}
+        return lambda r: order.get(r, len(order))
+    return lambda r: 0 if r == region else 1
+
+
 def rank(failed: MasterRuntime, fleet: Iterable[MasterRuntime], role_of: Callable[[str], str],
          *, busy: Mapping[str, str] | None = None,
-         allowed_regions: Collection[str] | None = None, explain: bool = True) -> Ranking:
+         allowed_regions: Sequence[str] | None = None, explain: bool = True) -> Ranking:
     """Rank every master as a backup for ``failed``; ``role_of`` gives each master's current
-    role, ``busy`` maps names to why they are mid-takeover. ``explain=False`` skips the
-    per-master explanations (for hot paths)."""
+    role, ``busy`` maps names to why they are mid-takeover, ``allowed_regions`` is the failed
+    master's ``failover_regions``. ``explain=False`` skips the per-master explanations (for hot
+    paths)."""
     busy = busy or {}
     region = failed.config.region
+    region_rank = region_order(region, allowed_regions)
     eligible: list[tuple[tuple[int, int, int, float, str], MasterRuntime]] = []
     candidates: list[CandidateEntry] = []
     by_name: dict[str, CandidateEntry] = {}
@@ -69,8 +86,8 @@ def rank(failed: MasterRuntime, fleet: Iterable[MasterRuntime], role_of: Callabl
         if reason is None:
             cfg = rt.config
             load = float(rt.queue_length or 0.0)
-            key = (0 if role == "standby" else 1, cfg.priority,
-                   0 if cfg.region == region else 1, load, cfg.name)
+            key = (0 if role == "standby" else 1, region_rank(cfg.region), cfg.priority, load,
+                   cfg.name)
             eligible.append((key, rt))
         if explain and rt.name != failed.name:
             entry: CandidateEntry = {"name": rt.name, "role": role, "priority": rt.config.priority,
@@ -88,23 +105,28 @@ def rank(failed: MasterRuntime, fleet: Iterable[MasterRuntime], role_of: Callabl
             entry = by_name[rt.name]
             entry["rank"] = i + 1
             entry["reason"] = ("best candidate" if rt is best
-                               else _behind(rt, best, region, role_of))
+                               else _behind(rt, best, region, role_of, region_rank,
+                                            bool(allowed_regions)))
         candidates.sort(key=lambda e: (e["rank"] is None, e["rank"] or 0, e["name"]))
     return Ranking(order=order, candidates=candidates, _by_name=by_name)
 
 
 def _behind(rt: MasterRuntime, best: MasterRuntime | None, region: str,
-            role_of: Callable[[str], str]) -> str:
+            role_of: Callable[[str], str], region_rank: Callable[[str], int],
+            listed: bool) -> str:
     """Why an eligible master ranks below the best one: the first rule that separates them."""
     if best is None:
         return ""
     role = role_of(rt.name)
     if role != role_of(best.name):
         return f"{role}, ranked after standby {best.name}"
+    if region_rank(rt.config.region) != region_rank(best.config.region):
+        if listed:
+            return (f"region {rt.config.region} comes after {best.config.region} of "
+                    f"{best.name} in failover_regions")
+        return f"region {rt.config.region}, {best.name} is in the failed master's region {region}"
     if rt.config.priority != best.config.priority:
         return f"priority {rt.config.priority} > {best.config.priority} of {best.name}"
-    if (rt.config.region == region) != (best.config.region == region):
-        return f"region {rt.config.region}, {best.name} is in the failed master's region"
     if (rt.queue_length or 0) != (best.queue_length or 0):
         return f"queue {rt.queue_length or 0:g} > {best.queue_length or 0:g} of {best.name}"
     return f"tie, {best.name} sorts first by name"

@@ -1,8 +1,10 @@
 """`ha-exporter demo`: a simulated fleet and the exporter in one process, one command.
 
 Four simulated masters in two regions (uae, usa), two active and two standby, so that a
-failover always has a same-region backup. ``--chaos`` takes an active master down, then
-heals it, on a schedule, so /metrics, the status page and the failover history move.
+failover always has a same-region backup: backup selection ranks a standby in the failed
+master's region before a better priority elsewhere, so master-a (uae) goes to master-c and
+master-b (usa) to master-d. ``--chaos`` takes an active master down, then heals it, on a
+schedule, so /metrics, the status page and the failover history move.
 """
 
 from __future__ import annotations

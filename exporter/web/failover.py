@@ -29,7 +29,8 @@ class Operator(Protocol):
     where failover keeps its implementation."""
 
     async def switchover(
-        self, frm: str, to: str | None = None, actor: str = "api"
+        self, frm: str, to: str | None = None, actor: str = "api", *,
+        allow_state_loss: bool = False,
     ) -> dict[str, Any]: ...
 
     async def set_maintenance(self, name: str, on: bool, actor: str = "api") -> dict[str, Any]: ...
@@ -44,8 +45,14 @@ class Operator(Protocol):
 
 
 class Switchover(Body):
+    """``allow_state_loss``: when the source no longer serves (the switchover becomes a
+    failover) and neither live state nor a young enough checkpoint is left, activate the
+    backup without state rather than refuse (``failover.require_state``). Explicit, and
+    audited under the caller."""
+
     source: str = Field(alias="from", min_length=1, max_length=256)
     to: str | None = Field(default=None, min_length=1, max_length=256)
+    allow_state_loss: bool = False
 
 
 class Maintenance(Body):
@@ -108,7 +115,9 @@ async def manual_failover(request: web.Request) -> web.Response:
     """Graceful switchover: the new master is active before the old one is released. A move
     that ran but did not succeed is a 409 carrying the full record."""
     body = await read_body(request, Switchover)
-    record = await _operator(request).switchover(body.source, body.to, actor="api")
+    record = await _operator(request).switchover(
+        body.source, body.to, actor="api", allow_state_loss=body.allow_state_loss
+    )
     return json_response(record, 200 if record.get("result") in ("success", "dry_run") else 409)
 
 

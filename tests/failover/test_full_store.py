@@ -22,6 +22,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Tmpfs]:
 async def test_a_failover_and_operator_actions_go_ahead_while_the_store_is_full(tmpfs: Tmpfs):
     disk = tmpfs.mount(size="2m")
     async with Lab(disk) as lab:
+        await lab.mgr.checkpoint_round()  # the state the failover moves
         filler = fill(disk)
         await lab.kill("a")
         await lab.mgr.on_transition(lab.fail("a"))
@@ -30,7 +31,7 @@ async def test_a_failover_and_operator_actions_go_ahead_while_the_store_is_full(
         [rec] = store.list_failovers()  # from memory, with the id the journal used
         assert (rec["result"], rec["backup"]) == ("success", "c")
         assert lab.role("c") == "active" and lab.duties.assigned_away("a") == "c"
-        assert lab.sims["c"].active and lab.mgr.stats.results[("a", "success")] == 1
+        assert lab.sims["c"].active and lab.mgr.stats.results[("a", "success", "checkpoint")] == 1
         assert lab.mgr._cooldown_left("a") is not None
         lab.mgr.pause()
         await lab.mgr.set_maintenance("b", True, drain=False)

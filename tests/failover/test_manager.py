@@ -188,7 +188,7 @@ async def test_best_standby_takes_over_with_checkpointed_state(tmp_path):
         assert why["c"]["outcome"] == "took over" and why["c"]["reason"] == "best candidate"
         assert "region usa" in why["d"]["reason"]
         assert "ranked after standby" in why["b"]["reason"]
-        assert lab.mgr.stats.results == {("a", "success"): 1}
+        assert lab.mgr.stats.results == {("a", "success", "checkpoint"): 1}
         assert lab.mgr.stats.duration_count == 1
         # history and audit
         assert lab.store.list_failovers()[0]["id"] == record["id"]
@@ -254,7 +254,7 @@ async def test_every_candidate_fails_nothing_half_active(tmp_path):
         assert lab.sims["b"].duties == ["b"] and "a" not in lab.sims["b"].imported
         assert lab.role("a") == "active" and lab.role("c") == "standby"
         assert lab.store.assignments() == {}
-        assert lab.mgr.stats.results == {("a", "failed"): 1}
+        assert lab.mgr.stats.results == {("a", "failed", "checkpoint"): 1}
         assert lab.mgr.stats.candidate_rollbacks == {"a": 3}
 
 
@@ -289,7 +289,7 @@ async def test_flapping_at_most_one_failover_per_cooldown(tmp_path):
         # a's failback was deferred by the cooldown: a stays standby, c holds a's duty
         assert lab.holders_of("a") == ["c"]
         assert any(e["action"] == "failback_deferred" for e in lab.store.list_audit())
-        assert lab.mgr.stats.results[("b", "skipped_cooldown")] == 4
+        assert lab.mgr.stats.results[("b", "skipped_cooldown", "none")] == 4
 
 
 async def test_fleet_cooldown_and_failback_after_cooldown(tmp_path):
@@ -331,7 +331,7 @@ async def test_dry_run_changes_nothing(tmp_path):
         assert {n: (s.active, list(s.duties), dict(s.imported))
                 for n, s in lab.sims.items()} == before
         assert lab.role("a") == "active" and lab.store.assignments() == {}
-        assert lab.mgr.stats.results == {("a", "dry_run"): 1}
+        assert lab.mgr.stats.results == {("a", "dry_run", "none"): 1}
 
 
 async def test_pause_and_disabled_stop_automatic_but_not_manual(tmp_path):
@@ -531,6 +531,7 @@ def test_snapshot_checksums_match_the_master_protocol(extra, name):
 
 async def test_restart_after_completed_failover_no_new_failover(tmp_path):
     async with Lab(tmp_path) as lab:
+        await lab.mgr.checkpoint_round()
         await lab.kill("a")
         assert (await lab.mgr.failover("a", trigger="auto"))["result"] == "success"
         await lab.mgr.shutdown(1)

@@ -1,6 +1,6 @@
 """The parts of failover that carry logic of their own, each with known inputs and outputs:
-the fence and failback decisions, cooldowns, a dry run's plan, what recovery reads from a
-journal, and how a step is bounded (step timeout, deadline, shutdown)."""
+the fence, duty, state and failback decisions, cooldowns, a dry run's plan, what recovery
+reads from a journal, and how a step is bounded (step timeout, deadline, shutdown)."""
 
 from __future__ import annotations
 
@@ -12,24 +12,66 @@ import pytest
 from exporter.config import FailoverConfig
 from exporter.failover.moves import Interrupted, Move, MoveRequest, StepFailed
 from exporter.failover.plan import planned_steps
-from exporter.failover.policy import Cooldowns, Failback, failback_decision, must_fence
+from exporter.failover.policy import (
+    Cooldowns,
+    DutyFix,
+    Failback,
+    failback_decision,
+    fix_duty,
+    judge_state,
+    must_fence,
+)
 from exporter.failover.protocol import MasterClient
-from exporter.failover.recovery import Attempt, read_attempts
+from exporter.failover.recovery import Attempt, read_attempts, state_source
 from exporter.failover.steps import Steps
 from exporter.failover.undo import Undoer
 from exporter.store.sqlite import Store
 
 
-@pytest.mark.parametrize("reports_active, holder, holds, moving, fence", [
-    (True, "c", False, False, True),  # active again while c holds its duty: split brain
-    (False, "c", False, False, False),  # came back as an inactive standby
-    (None, "c", False, False, False),  # no answer is no evidence
-    (True, None, False, False, False),  # nobody holds its duty for it
-    (True, "c", True, False, False),  # holds a duty of its own: it may be active
-    (True, "c", False, True, False),  # its own move is under way
+@pytest.mark.parametrize("reports_active, fresh, holder, holder_serves, moving, fence", [
+    (True, True, "c", True, False, True),  # serves the duty c serves too: split brain
+    (False, True, "c", True, False, False),  # came back as an inactive standby
+    (None, True, "c", True, False, False),  # no answer is no evidence
+    (True, True, None, True, False, False),  # nobody else holds the duty
+    (True, True, "c", False, False, False),  # c does not serve it: adopted, not fenced
+    (True, True, "c", True, True, False),  # a move of it is under way
+    # a probe sent before the switchover's release landed, read after the duty moved: the
+    # spurious "came back active while c holds its duty" fence after a clean switchover
+    (True, False, "c", True, False, False),
 ])
-def test_must_fence(reports_active, holder, holds, moving, fence):
-    assert must_fence(reports_active, holder, holds, moving) is fence
+def test_must_fence(reports_active, fresh, holder, holder_serves, moving, fence):
+    assert must_fence(reports_active, fresh, holder, holder_serves, moving) is fence
+
+
+@pytest.mark.parametrize("serving, ready, gone, expected", [
+    (("c",), True, False, DutyFix()),  # served by its holder alone
+    (("a",), True, False, DutyFix(adopt="a")),  # the Quick start run twice: a serves a
+    ((), True, False, DutyFix(activate="c")),  # c answers, is healthy, serves nothing
+    ((), False, True, DutyFix(failover="c")),  # c failed: its duties move
+    ((), False, False, DutyFix()),  # c not failed yet: the health machine decides first
+    (("a", "c"), True, False, DutyFix(stop=("a",))),  # split: the holder keeps it
+    (("a", "d"), True, False, DutyFix(adopt="a", stop=("d",))),  # the owner before others
+    (("b", "d"), True, False, DutyFix(adopt="b", stop=("d",))),  # then the first by name
+])
+def test_fix_duty(serving, ready, gone, expected):
+    assert fix_duty("a", "c", serving, ready, gone) == expected
+
+
+@pytest.mark.parametrize("found, age, require, limit, allow, source, refused", [
+    ("live", None, True, 300.0, False, "live", None),
+    ("checkpoint", 20.0, True, 300.0, False, "checkpoint", None),
+    ("checkpoint", 20.0, True, None, False, "checkpoint", None),
+    ("checkpoint", 400.0, True, 300.0, False, "none", "max_checkpoint_age"),
+    ("checkpoint", 400.0, False, 300.0, False, "none", None),  # stateless, allowed by config
+    ("none", None, True, 300.0, False, "none", "require_state"),
+    ("none", None, False, 300.0, False, "none", None),
+    ("none", None, True, 300.0, True, "none", None),  # the operator's override
+])
+def test_judge_state(found, age, require, limit, allow, source, refused):
+    verdict = judge_state(found, age, require, limit, allow)
+    assert (verdict.source, verdict.refused_by) == (source, refused)
+    if refused:
+        assert verdict.note.startswith(f"refused by failover.{refused}: ")
 
 
 @pytest.mark.parametrize("mode, automatic, holder, serving, moving, cooling, expected", [
@@ -57,6 +99,19 @@ def test_cooldowns_per_master_fleet_wide_and_reset():
     c.clear("b")  # a reset clears the master's cooldown, not the fleet's
     assert c.left("b", 230.0, 60.0, 0.0) is None
     assert c.left("b", 230.0, 60.0, 100.0) == ("fleet-wide", 70.0)
+
+
+def test_no_cooldown_holds_back_an_unserved_duty_but_failed_attempts_are_paced():
+    c = Cooldowns({"a": 100.0, "b": 100.0}, {"b": 100.0})  # b's last move failed
+    assert c.left("a", 130.0, 60.0, 300.0, unserved=True) is None
+    assert c.left("b", 130.0, 60.0, 300.0, unserved=True) == ("per-master", 30.0)
+    c.mark("a", 140.0)
+    c.settle("a", "success")  # a failback, say: its duty is served again
+    assert c.left("a", 150.0, 60.0, 0.0) == ("per-master", 50.0)  # flapping protection
+    assert c.left("a", 150.0, 60.0, 0.0, unserved=True) is None  # nobody serves it: go
+    c.mark("a", 160.0)
+    c.settle("a", "failed")
+    assert c.left("a", 170.0, 60.0, 0.0, unserved=True) == ("per-master", 50.0)
 
 
 def test_planned_steps_by_kind():
@@ -88,6 +143,9 @@ def test_read_attempts_from_a_journal():
     assert got["c"] == Attempt(accept={"x", "y"}, had=[], routing=False, rolled=True)
     assert got["d"] == Attempt(accept=None, had=["d"], routing=True, rolled=False)
     assert got["c"].imported and not got["d"].imported
+    assert state_source(entries) is None  # not fetched yet
+    assert state_source([*entries, e("fetch", status="done", source="checkpoint")]) == (
+        "checkpoint")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ def names(ranking) -> list[str]:
     return [r.name for r in ranking.order]
 
 
-def test_standby_first_then_priority_region_load():
+def test_standby_first_then_region_priority_load():
     f = fleet_of(
         {"name": "dead", "region": "uae", "role": "active", "priority": 1},
         {"name": "act", "region": "uae", "role": "active", "priority": 0},
@@ -38,14 +38,44 @@ def test_standby_first_then_priority_region_load():
     f.get("sb-uae").queue_length = 10
     f.get("sb-uae-busy").queue_length = 50
     r = rank(f.get("dead"), f, configured(f))
-    assert names(r) == ["sb-uae", "sb-uae-busy", "sb-usa", "sb-hi", "act"]
+    # the same-region standby with a worse priority (sb-hi) before the one abroad (sb-usa)
+    assert names(r) == ["sb-uae", "sb-uae-busy", "sb-hi", "sb-usa", "act"]
     why = {c["name"]: c["reason"] for c in r.candidates}
     assert why["sb-uae"] == "best candidate"
     assert "queue 50" in why["sb-uae-busy"]
-    assert "region usa" in why["sb-usa"]
+    assert why["sb-usa"] == "region usa, sb-uae is in the failed master's region uae"
     assert "priority 9" in why["sb-hi"]
     assert "ranked after standby" in why["act"]
     assert "dead" not in why  # the failed master is not a candidate of itself
+
+
+def test_a_usa_master_fails_over_to_the_usa_standby_not_the_better_priority_abroad():
+    """The demo's fleet: master-b (usa) goes to master-d (usa, priority 4), not to master-c
+    (uae, priority 3), as the demo and the README promise."""
+    f = fleet_of(
+        {"name": "master-a", "region": "uae", "role": "active", "priority": 1},
+        {"name": "master-b", "region": "usa", "role": "active", "priority": 2},
+        {"name": "master-c", "region": "uae", "role": "standby", "priority": 3},
+        {"name": "master-d", "region": "usa", "role": "standby", "priority": 4},
+    )
+    assert names(rank(f.get("master-b"), f, configured(f))) == [
+        "master-d", "master-c", "master-a"]
+    assert names(rank(f.get("master-a"), f, configured(f))) == [
+        "master-c", "master-d", "master-b"]
+
+
+def test_failover_regions_order_the_regions():
+    f = fleet_of(
+        {"name": "dead", "region": "uae", "role": "active"},
+        {"name": "home", "region": "uae", "role": "standby", "priority": 1},
+        {"name": "eu", "region": "eu", "role": "standby", "priority": 9},
+        {"name": "us", "region": "us", "role": "standby", "priority": 5},
+    )
+    r = rank(f.get("dead"), f, configured(f), allowed_regions=["eu", "uae"])
+    assert names(r) == ["eu", "home"]  # as listed; "us" is not allowed at all
+    why = {c["name"]: c["reason"] for c in r.candidates}
+    assert why["home"] == "region uae comes after eu of eu in failover_regions"
+    assert "region us not allowed" in why["us"]
 
 
 def test_passed_over_reasons():
@@ -102,8 +132,8 @@ def test_ranking_is_total_and_sorted(specs):
     expected_eligible = {rt.name for rt in f if rt.name != "m0"
                          and rt.config.failover == "allow" and rt.health.state is State.HEALTHY}
     assert set(names(r)) == expected_eligible
-    keys = [(rt.config.role != "standby", rt.config.priority,
-             rt.config.region != failed.config.region, rt.queue_length or 0) for rt in r.order]
+    keys = [(rt.config.role != "standby", rt.config.region != failed.config.region,
+             rt.config.priority, rt.queue_length or 0) for rt in r.order]
     assert keys == sorted(keys)
     assert len(r.candidates) == len(specs) - 1
     assert [c["rank"] for c in r.candidates if c["eligible"]] == list(range(1, len(r.order) + 1))

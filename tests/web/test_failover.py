@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 
@@ -11,6 +12,8 @@ import pytest
 
 from tests.processes import StartStack
 from tests.support import TOKEN, TOKEN_ENV, get_json, metric_value, wait_for
+from tests.web.harness import AUTH as API_AUTH
+from tests.web.harness import exporter
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 INTERVAL, TIMEOUT, THRESHOLD = 0.5, 0.3, 3
@@ -203,3 +206,45 @@ async def test_restarted_exporter_fences_a_master_that_returns_active(
 
 async def _is(check, expected: object) -> bool:
     return await check() is expected
+
+
+async def test_a_refused_failover_is_overridden_explicitly_over_the_api(tmp_path):
+    """master-a fails and its only checkpoint is corrupt: POST /api/v1/failover is refused
+    (failover.require_state), and goes ahead without state only with allow_state_loss,
+    audited under the caller."""
+    async with exporter(tmp_path) as api:
+        svc = api.svc
+        urls = {m.name: m.url for m in svc.config.masters}
+        await wait_for(lambda: svc.failover.checkpoint_ts("master-a") is not None, 10,
+                       "a checkpoint of master-a")
+        async with api.http.post(f"{urls['master-a']}/chaos", json={"mode": "error"}) as r:
+            assert r.status == 200
+        await wait_for(lambda: svc.fleet.get("master-a").health.state == "failed", 10,
+                       "master-a failed")
+        ts, checksum, raw = svc.store.checkpoint("master-a")
+        forged = json.loads(raw)
+        forged["sessions"]["forged"] = {}
+        svc.store.save_checkpoint("master-a", ts, checksum, json.dumps(forged).encode())
+
+        status, record = await api.call("POST", "/api/v1/failover", API_AUTH,
+                                         json={"from": "master-a"})
+        assert status == 409 and record["result"] == "failed", record
+        assert "refused by failover.require_state" in record["reason"]
+        status, body = await api.call("POST", "/api/v1/failover", API_AUTH,
+                                      json={"from": "master-a", "allow_state_loss": "yes"})
+        assert status == 400, body
+        status, record = await api.call("POST", "/api/v1/failover", API_AUTH,
+                                        json={"from": "master-a", "allow_state_loss": True})
+        assert status == 200 and record["result"] == "success", record
+        assert record["backup"] == "master-c"
+        fetch = next(s for s in record["steps"] if s["step"] == "fetch")
+        assert fetch["detail"]["source"] == "none"
+        health = await get_json(api.http, f"{urls['master-c']}/health")
+        assert health["active"] and health["duties"] == ["master-a"]
+        state = await get_json(api.http, f"{urls['master-c']}/state")
+        assert "master-a" not in state.get("imported", {})  # activated without state
+        _, audit = await api.call("GET", "/api/v1/audit?master=master-a")
+        actions = {e["action"]: e for e in audit["items"]}
+        assert actions["failover_refused"]["detail"]["rule"] == "failover.require_state"
+        assert actions["state_lost"]["actor"] == "api"
+        assert svc.failover.stats.results[("master-a", "success", "none")] == 1
