@@ -72,8 +72,11 @@ async def serve_until_signalled(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from exporter.probing.loop import install_fast_loop
     from exporter.service import Service
     from exporter.store import StoreError
+
+    install_fast_loop()  # uvloop where installed: the probe hot loop is mostly loop work
 
     cfg = _load(args.config)
     if cfg is None:
@@ -146,8 +149,10 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from exporter.probing.loop import install_fast_loop
     from exporter.sim.demo import run_demo
 
+    install_fast_loop()
     asyncio.run(run_demo(args))
     return 0
 

@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import subprocess
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import exposition as text_exposition
+from prometheus_client.openmetrics import exposition as om_exposition
 from prometheus_client.openmetrics import parser as om_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import MasterConfig, ProbeConfig, parse_config
 from exporter.fleet import Fleet, Outcome, Result
+from exporter.logs import ThrottledLog
 from exporter.metrics import (
     OM_CONTENT_TYPE,
     ExporterMetrics,
     FleetCollector,
+    MappingCounter,
+    content_type,
     escape,
     fmt,
     sample_value,
+    wants_openmetrics,
 )
+from exporter.metrics import registry as registry_module
 from exporter.routing.router import Router
 from exporter.service import Service
+from exporter.web.app import create_app
 from exporter.web.server import running
 from tests.support import serve_app, wait_for
 from tests.tools import require_binary
@@ -459,5 +469,278 @@ def test_a_counter_whose_owner_keeps_no_counts_is_not_rendered(tmp_path):
         assert "# TYPE ha_test_empty_total counter" in text  # declared, no sample yet
         # before the failover manager exists there is nothing to read checkpoints from
         assert "ha_master_checkpoint_failures_total{" not in text
+    finally:
+        svc.store.close()
+
+
+# --- streaming: pieces, the event loop, one moment per master -----------------------------------
+
+
+def fleet_service(tmp_path, n: int) -> Service:
+    """A service (not started) over ``n`` masters, every one probed once (two kinds of answer)."""
+    cfg = parse_config({
+        "state_path": str(tmp_path / "state.db"),
+        "masters": [
+            {"name": f"m{i:05d}", "url": f"http://127.0.0.1:9/m{i}",
+             "region": ("uae", "usa")[i % 2], "role": "standby" if i % 4 == 3 else "active"}
+            for i in range(n)
+        ],
+    })
+    svc = Service(cfg, token="t")
+    for i, rt in enumerate(svc.fleet):
+        payload = {"status": "ok", "queue_length": i % 7, "cpu_percent": 12.5 + i % 3,
+                   "memory_percent": 40.0, "active": i % 4 != 3, "duties": [rt.name]}
+        rt.apply(Outcome(Result.SUCCESS, 0.002 * (i % 5), payload=payload), 1000.0 + i)
+    return svc
+
+
+def without_process(text: str) -> str:
+    """The exposition without the process collector's samples (they move between scrapes)."""
+    return "\n".join(ln for ln in text.splitlines() if not ln.startswith("process_"))
+
+
+async def collect_stream(metrics: ExporterMetrics, openmetrics: bool) -> bytes:
+    return b"".join([data async for data in metrics.stream(openmetrics)])
+
+
+@pytest.mark.parametrize("accept", [None, "application/openmetrics-text; version=1.0.0"])
+async def test_the_streamed_scrape_is_the_rendered_one(tmp_path, accept):
+    svc = fleet_service(tmp_path, 1200)  # three pieces of masters
+    try:
+        svc.metrics.add_counter(
+            "ha_test_per_master_total", "A count per master.", ["master", "reason"],
+            lambda: {(f"m{i:05d}", "timeout"): i for i in range(2500)},  # three pieces too
+        )
+        body, ctype = svc.metrics.render(accept)
+        streamed = await collect_stream(svc.metrics, wants_openmetrics(accept))
+        assert ctype == content_type(wants_openmetrics(accept))
+        assert without_process(streamed.decode()) == without_process(body.decode())
+        assert body.decode().count("ha_master_up{") == 1200
+    finally:
+        svc.store.close()
+
+
+async def test_a_streamed_scrape_hands_the_event_loop_back(tmp_path, monkeypatch):
+    """Every piece is a chance for the loop (SLICE 0 here); a task that only runs when the
+    loop gets it back keeps running through a scrape of 1,200 masters."""
+    monkeypatch.setattr(registry_module, "SLICE", 0.0)
+    svc = fleet_service(tmp_path, 1200)
+    try:
+        ran = 0
+        done = False
+
+        async def other() -> None:
+            nonlocal ran
+            while not done:
+                ran += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other())
+        await asyncio.sleep(0)
+        started = ran
+        await collect_stream(svc.metrics, False)
+        during = ran - started
+        done = True
+        await task
+        pieces = sum(1 for _ in svc.metrics.chunks(False))
+        assert during >= pieces // 2 > 40, (during, pieces)
+    finally:
+        svc.store.close()
+
+
+def test_each_master_is_written_from_one_moment(tmp_path):
+    """Probes land between every two pieces of a scrape (as they do while /metrics hands the
+    loop back); each master's families still agree with each other: all are from the moment
+    its numbers were copied."""
+    svc = fleet_service(tmp_path, 1100)
+    try:
+        applied = {rt.name: 1 for rt in svc.fleet}
+
+        def probe_everyone() -> None:
+            for rt in svc.fleet:
+                k = applied[rt.name] = applied[rt.name] + 1
+                ok = k % 2 == 1  # odd probes succeed, even ones time out
+                outcome = (Outcome(Result.SUCCESS, 0.004, payload={"status": "ok"}) if ok
+                           else Outcome(Result.TIMEOUT, 2.0, detail="timeout"))
+                rt.apply(outcome, 1000.0 + k)
+
+        pieces = []
+        for piece in svc.metrics.chunks(False):
+            pieces.append(piece)
+            probe_everyone()
+        text = "".join(pieces)
+        values = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+        seen = set()
+        for rt in svc.fleet:
+            m = (("master", rt.name),)
+            k = values[("ha_master_probe_duration_seconds_count", m)]
+            assert k == values[("ha_master_probes_total", (*m, ("result", "success")))] + values[
+                ("ha_master_probes_total", (*m, ("result", "timeout")))]
+            assert values[("ha_master_last_probe_timestamp_seconds", m)] == 1000.0 + k
+            up = values[("ha_master_up", (*m, ("region", rt.config.region),
+                                          ("role", rt.config.role)))]
+            assert up == (1 if k % 2 == 1 else 0), rt.name
+            assert values[("ha_master_consecutive_failures", m)] == (0 if k % 2 == 1 else 1)
+            seen.add(k)
+        assert len(seen) > 1  # the fleet did move during the scrape
+    finally:
+        svc.store.close()
+
+
+async def test_metrics_are_streamed_over_http_and_a_scraper_may_leave_early(tmp_path, caplog):
+    svc = fleet_service(tmp_path, 1500)
+    try:
+        async with serve_app(create_app(svc)) as url, aiohttp.ClientSession() as s:
+            async with s.get(f"{url}/metrics") as r:
+                assert r.headers["Transfer-Encoding"] == "chunked"
+                assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                assert r.headers["X-Content-Type-Options"] == "nosniff"
+                text = await r.text()
+            assert without_process(text) == without_process(svc.metrics.render(None)[0].decode())
+            with caplog.at_level(logging.DEBUG, logger="exporter"):
+                async with s.get(f"{url}/metrics") as r:
+                    await r.content.readany()
+                    r.close()  # a scraper that gives up mid-body (its scrape_timeout)
+                async with s.get(f"{url}/metrics") as r:
+                    assert r.status == 200 and (await r.text()).count("ha_master_up{") == 1500
+        assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    finally:
+        svc.store.close()
+
+
+# --- the probe engine's lateness ----------------------------------------------------------------
+
+
+def engine(**figures: object) -> SimpleNamespace:
+    """A prober with the read-only figures /metrics reads (lag per bucket, +Inf last)."""
+    base: dict[str, object] = {"lag_buckets": (0.001, 0.01, 0.1), "lag_counts": [5, 3, 1, 1],
+                               "lag_sum": 0.5, "rounds_skipped": 7}
+    return SimpleNamespace(**{**base, **figures})
+
+
+def test_probe_engine_lateness_is_a_histogram_and_a_counter(tmp_path):
+    svc = duty_service(tmp_path)
+    try:
+        prober = engine()
+        svc.metrics.add_probe_engine(lambda: prober)
+        text = svc.metrics.render(None)[0].decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        lag = families["ha_probe_schedule_lag_seconds"]
+        assert lag.type == "histogram" and "late" in lag.documentation
+        samples = {(s.name, s.labels.get("le")): s.value for s in lag.samples}
+        assert samples == {
+            ("ha_probe_schedule_lag_seconds_bucket", "0.001"): 5,
+            ("ha_probe_schedule_lag_seconds_bucket", "0.01"): 8,
+            ("ha_probe_schedule_lag_seconds_bucket", "0.1"): 9,
+            ("ha_probe_schedule_lag_seconds_bucket", "+Inf"): 10,
+            ("ha_probe_schedule_lag_seconds_count", None): 10,
+            ("ha_probe_schedule_lag_seconds_sum", None): 0.5,
+        }
+        skipped = families["ha_probe_rounds_skipped"]
+        assert skipped.type == "counter"
+        assert [(s.name, s.value) for s in skipped.samples] == [
+            ("ha_probe_rounds_skipped_total", 7)]
+        prober.lag_counts[0] += 2  # the engine counts on in place; the next scrape sees it
+        prober.rounds_skipped = 9
+        om = svc.metrics.render("application/openmetrics-text; version=1.0.0")[0].decode()
+        om_families = {f.name: f for f in om_parser.text_string_to_metric_families(om)}
+        assert {s.value for s in om_families["ha_probe_rounds_skipped"].samples} == {9}
+        inf = [s for s in om_families["ha_probe_schedule_lag_seconds"].samples
+               if s.labels.get("le") == "+Inf"]
+        assert inf[0].value == 12
+        promtool = require_binary("promtool")
+        res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
+    finally:
+        svc.store.close()
+
+
+@pytest.mark.parametrize(
+    ("prober", "present"),
+    [
+        (None, set()),  # before the prober exists
+        (object(), set()),  # a prober that keeps no such figures
+        (SimpleNamespace(rounds_skipped=3), {"ha_probe_rounds_skipped"}),
+        (engine(lag_counts=[1, 2]), {"ha_probe_rounds_skipped"}),  # one count per bucket + Inf
+        (engine(lag_counts=[1, -2, 0, 0]), {"ha_probe_rounds_skipped"}),
+        (engine(lag_sum=math.inf), {"ha_probe_rounds_skipped"}),
+        (engine(lag_buckets=(0.1, 0.01, 1.0)), {"ha_probe_rounds_skipped"}),
+        (engine(rounds_skipped=-1), {"ha_probe_schedule_lag_seconds"}),
+        (engine(rounds_skipped=None), {"ha_probe_schedule_lag_seconds"}),
+    ],
+)
+def test_probe_engine_figures_that_do_not_add_up_leave_out_their_family(tmp_path, prober,
+                                                                       present):
+    svc = duty_service(tmp_path)
+    try:
+        svc.metrics.add_probe_engine(lambda: prober)
+        text = svc.metrics.render(None)[0].decode()
+        names = {f.name for f in text_string_to_metric_families(text)}
+        assert {n for n in names if n.startswith("ha_probe_")} == present
+        assert "ha_master_up" in names  # the rest of the scrape is whole
+    finally:
+        svc.store.close()
+
+
+# --- counters another component keeps, written in pieces ---------------------------------------
+
+
+class _Single:
+    def __init__(self, collector: MappingCounter) -> None:
+        self.collector = collector
+
+    def collect(self):
+        return self.collector.collect()
+
+
+@pytest.mark.parametrize("openmetrics", [False, True])
+def test_a_counter_written_in_pieces_is_what_prometheus_client_writes(openmetrics):
+    counts: dict[object, object] = {
+        (f"m{i}", 'bad "sum"\n\\' if i % 3 else "é"): (i * 37) % 2_000_000 for i in range(2500)
+    }
+    counts.update({("big", "x"): 10**7, ("half", "x"): 0.5, ("nan", "x"): math.nan,
+                   ("neg", "x"): -1, ("short",): 1, ("int", 3): 1, ("huge", "x"): 10**400})
+    errors = ThrottledLog(logging.getLogger(__name__))
+    counter = MappingCounter("ha_test_pieces_total", 'Doc \\ with\n"quotes".',
+                             ["reason", "master"], lambda: counts, errors)
+    generate = om_exposition.generate_latest if openmetrics else text_exposition.generate_latest
+    expected = generate(_Single(counter)).decode().removesuffix("# EOF\n")
+    assert "".join(counter.chunks(openmetrics)) == expected
+    assert len(list(counter.chunks(openmetrics))) > 3
+
+
+def test_a_master_whose_numbers_cannot_be_copied_loses_only_those_samples(tmp_path, caplog):
+    svc = fleet_service(tmp_path, 600)  # two pieces: the odd masters sit in both
+    try:
+        masters = list(svc.fleet)
+        masters[3].bucket_counts = [1, 2]  # only a bug could do this: no histogram for it
+        masters[520].result_counts = masters[520].result_counts[:-1]
+        masters[521].cpu_percent = "busy"  # type: ignore[assignment]
+        text = svc.metrics.render(None)[0].decode()
+        values = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+        hist = {dict(k[1])["master"] for k in values
+                if k[0] == "ha_master_probe_duration_seconds_count"}
+        probes = {dict(k[1])["master"] for k in values if k[0] == "ha_master_probes_total"}
+        assert masters[3].name not in hist and len(hist) == 599
+        assert masters[520].name not in probes and len(probes) == 599
+        assert math.isnan(values[("ha_master_cpu_percent", (("master", masters[521].name),))])
+        assert values[("ha_master_cpu_percent", (("master", masters[522].name),))] == 12.5 + 522 % 3
+        assert values[("ha_master_up", (("master", masters[3].name), ("region", "usa"),
+                                        ("role", "standby")))] == 1
+        logged = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+        assert "ha_master_probe_duration_seconds" in logged and "ha_master_probes_total" in logged
+        promtool = require_binary("promtool")
+        res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
     finally:
         svc.store.close()

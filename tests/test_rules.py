@@ -33,10 +33,9 @@ RERENDER = "ha-exporter render --config examples/ha-exporter.yml --out alert_rul
 FLEET_ALERTS = {
     "HANoHealthyBackup", "HANoMasterAvailable", "HAFailoverStuck", "HALoadImbalance",
     "HAExporterDown", "HAExporterAbsent", "HAConfigReloadFailed", "HAStateStoreFailing",
+    "HAProbeEngineBehind",
 }
 DUTY_ALERTS = {"HADutyUnserved", "HADutyMultipleHolders"}
-#: Exposed beyond tests.tools' lists: the duty families and the counters read from the store
-#: and the checkpointer.
 
 #: A config far from the defaults, to prove that the thresholds reach the rules and their tests.
 OTHER_CONFIG = """
@@ -186,6 +185,7 @@ def test_required_alerts_exist_with_the_intended_severity() -> None:
         "HADutyUnserved": {"critical"},
         "HADutyMultipleHolders": {"critical"},
         "HAStateStoreFailing": {"critical"},
+        "HAProbeEngineBehind": {"warning"},
     }
 
 

@@ -60,12 +60,14 @@ CONTRACT_METRICS: frozenset[str] = frozenset({
 #: Exposed beyond the contract's minimum set (the duty families and store/checkpoint counters
 #: of the contract's later sections among them), and used by the rules or dashboards.
 EXTRA_METRICS: frozenset[str] = frozenset(
-    {"ha_master_recovery_timed_out", "ha_master_needs_reset"} | DUTY_FAMILIES | set(OWNED_COUNTERS)
+    {"ha_master_recovery_timed_out", "ha_master_needs_reset", "ha_probe_schedule_lag_seconds",
+     "ha_probe_rounds_skipped_total"} | DUTY_FAMILIES | set(OWNED_COUNTERS)
 )
 #: Series every Prometheus has: target health and the alerts it evaluates.
 BUILTIN_SERIES: frozenset[str] = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE"})
 HISTOGRAMS: frozenset[str] = frozenset(
-    {"ha_master_probe_duration_seconds", "ha_failover_duration_seconds"})
+    {"ha_master_probe_duration_seconds", "ha_failover_duration_seconds",
+     "ha_probe_schedule_lag_seconds"})
 
 
 def base_metric(name: str) -> str:

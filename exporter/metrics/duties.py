@@ -10,8 +10,10 @@ records when a scrape, the API or the status page asks, once per scrape for /met
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import repeat
+from operator import mod
 from typing import Literal
 
 from exporter.fleet import MasterRuntime, reported_holders
@@ -77,26 +79,39 @@ def health_score(master_score: float, status: DutyStatus) -> float:
 
 
 def render_duties(status: DutyStatus, errors: ThrottledLog) -> str:
-    """The three duty families as exposition text (gauges read the same in both formats);
-    a duty whose lines cannot be written is left out, and logged (throttled)."""
-    served: list[str] = []
-    counts: list[str] = []
-    holder: list[str] = []
-    for duty, names in sorted(status.holders.items()):
+    """The three duty families as one text (``iter_duties`` joined)."""
+    return "".join(iter_duties(status, errors))
+
+
+def iter_duties(status: DutyStatus, errors: ThrottledLog, chunk: int = 500) -> Iterator[str]:
+    """The three duty families as exposition text (gauges read the same in both formats), in
+    pieces of ``chunk`` duties, so that /metrics can hand the event loop back in between (an
+    empty piece is only that chance); a duty whose lines cannot be written is left out, and
+    logged (throttled)."""
+    labs: list[str] = []  # each duty's label, holders, whether served and holder lines
+    counts: list[int] = []
+    served: list[int] = []
+    holders: list[str] = []
+    for i, (duty, names) in enumerate(sorted(status.holders.items()), 1):
         try:
             lab = f'duty="{escape(duty)}"'
-            lines = [f'ha_duty_holder{{{lab},master="{escape(m)}"}} 1\n' for m in names]
-            served.append(f"ha_duty_served{{{lab}}} {1 if len(names) == 1 else 0}\n")
-            counts.append(f"ha_duty_holders{{{lab}}} {len(names)}\n")
-            holder.extend(lines)
+            lines = "".join([f'ha_duty_holder{{{lab},master="{escape(m)}"}} 1\n' for m in names])
         except Exception:
             errors.error("ha_duty", "duty metrics: samples of %r dropped", duty)
-    out: list[str] = []
-    for name, samples in (
-        ("ha_duty_served", served),
-        ("ha_duty_holders", counts),
-        ("ha_duty_holder", holder),
-    ):
-        out.append(f"# HELP {name} {DUTY_HELP[name]}\n# TYPE {name} gauge\n")
-        out.extend(samples)
-    return "".join(out)
+        else:
+            labs.append(lab)
+            counts.append(len(names))
+            served.append(1 if len(names) == 1 else 0)
+            holders.append(lines)
+        if i % chunk == 0:
+            yield ""
+    for name in ("ha_duty_served", "ha_duty_holders", "ha_duty_holder"):
+        yield f"# HELP {name} {DUTY_HELP[name]}\n# TYPE {name} gauge\n"
+        for start in range(0, len(labs), chunk):
+            end = start + chunk
+            if name == "ha_duty_holder":
+                yield "".join(holders[start:end])
+                continue
+            values = (served if name == "ha_duty_served" else counts)[start:end]
+            line = repeat(f"{name}{{%s}} %s\n")
+            yield "".join(map(mod, line, zip(labs[start:end], values, strict=True)))

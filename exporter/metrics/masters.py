@@ -1,49 +1,54 @@
 """The per-master families of /metrics, written straight from the fleet's records.
 
 About 35 samples per master are written by ``FleetCollector`` without a client-library child
-object per label set, so 10,000 masters cost one pass over plain Python objects per scrape
-(see docs/benchmarks.md). Each master's static line prefixes are cached and rebuilt only when
-its config or role changes.
+object per label set: at 10,000 masters prometheus_client's children cost about 20 KiB per
+master to keep and some fifteen times the render time (``bench/bench_scrape_stream.py``).
+Each master's labels are cached (``Lines``) and rebuilt only when its config or role changes.
 
-Every sample is computed on its own: a failure gives NaN or drops that sample, and is logged
-once per metric per ``THROTTLE_SECONDS``, so one bad value never costs the scrape.
+A scrape is a generator of text pieces (``FleetCollector.chunks``): a snapshot of every
+master's numbers, ``CHUNK`` masters at a time (``exporter.metrics.snapshot``), then every
+family, ``CHUNK`` masters per piece. The caller may hand the event loop back between two
+pieces and write each piece out as it comes, so that a scrape of 10,000 masters neither holds
+the probes' schedule nor builds its 25 MB body in memory.
+
+A family's piece is written column-wise with C-level passes (``map``, ``%``) over cached
+prefixes; anything unusual in a column (a value that is not a plain finite number, one that
+could not be read) sends that piece of that family down a master-by-master path, where a
+failure gives NaN or drops that sample and is logged once per metric per
+``THROTTLE_SECONDS``. One bad value never costs the scrape.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping
-from itertools import accumulate
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from itertools import accumulate, chain, repeat
+from operator import add, attrgetter, mod
+from typing import Any, TypeVar
 
 from exporter.fleet import PROBE_BUCKETS, RESULTS, STATES, Fleet, MasterRuntime
 from exporter.logs import ThrottledLog
+from exporter.metrics import snapshot as snap
 from exporter.metrics.exposition import EXACT, THROTTLE_SECONDS, escape, fmt, sample_value
+from exporter.metrics.snapshot import CHUNK, FAILED, Inputs, Piece
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _BUCKET_LABELS = [f'le="{b}"' for b in PROBE_BUCKETS] + ['le="+Inf"']
+#: How many route-decision samples one piece holds.
+DECISIONS_CHUNK = 2000
 
 
-class _Lines:
-    """A master's static line prefixes, built once per (config, role), reused every scrape."""
+class Lines:
+    """A master's static labels, built once per (config, role), reused every scrape: its
+    ``master="..."`` label and its two lines that carry more than that. Every other line is
+    a module-wide %-template the label is formatted into, so the cache costs a few hundred
+    bytes per master rather than kilobytes."""
 
-    __slots__ = (
-        "buckets",
-        "config",
-        "count",
-        "info",
-        "lab",
-        "probes",
-        "role",
-        "states",
-        "sum",
-        "up",
-    )
+    __slots__ = ("config", "info", "lab", "role", "up")
 
     def __init__(self, rt: MasterRuntime, role: str) -> None:
         c = rt.config
@@ -55,18 +60,57 @@ class _Lines:
             f'ha_master_info{{{lab},region="{region}",role="{role}",'
             f'priority="{c.priority}"}} 1\n'
         )
-        self.states = {
-            cur: "".join(
-                f'ha_master_state{{{lab},state="{st}"}} {1 if st is cur else 0}\n' for st in STATES
-            )
-            for cur in STATES
-        }
-        self.buckets = [
-            f"ha_master_probe_duration_seconds_bucket{{{lab},{bl}}} " for bl in _BUCKET_LABELS
-        ]
-        self.sum = f"ha_master_probe_duration_seconds_sum{{{lab}}} "
-        self.count = f"ha_master_probe_duration_seconds_count{{{lab}}} "
-        self.probes = [f'ha_master_probes_total{{{lab},result="{res}"}} ' for res in RESULTS]
+
+
+#: A master's state lines by its current state; formatted with its label once per state.
+_STATE_TEXT: dict[str, str] = {
+    cur: "".join(
+        f'ha_master_state{{%s,state="{st}"}} {1 if st is cur else 0}\n' for st in STATES
+    )
+    for cur in STATES
+}
+#: A master's histogram; formatted with (label, cumulative count) per bucket, then (label,
+#: sum) and (label, count).
+_HIST = "".join(
+    [
+        *[f"ha_master_probe_duration_seconds_bucket{{%s,{bl}}} %s\n" for bl in _BUCKET_LABELS],
+        "ha_master_probe_duration_seconds_sum{%s} %s\n",
+        "ha_master_probe_duration_seconds_count{%s} %s\n",
+    ]
+)
+#: A master's probe counts; formatted with (label, count) per result.
+_PROBES = "".join(f'ha_master_probes_total{{%s,result="{res}"}} %s\n' for res in RESULTS)
+_UP = attrgetter("up")
+_INFO = attrgetter("info")
+_UP_TEXT = {True: "1\n", False: "0\n"}
+_NUMBER_TYPES = frozenset({int, float})
+_GAUGE_TYPES = frozenset({int, float, type(None)})
+_INT_TYPES = frozenset({int})
+
+
+def _with_labels(labs: list[str], cols: list[Any]) -> list[Any]:
+    """The iterables of (label, value) pairs, column after column, for a %-template."""
+    out: list[Any] = []
+    for col in cols:
+        out += (labs, col)
+    return out
+
+
+def _plain_numbers(values: tuple[Any, ...], types: set[type]) -> bool:
+    """True if every value (ints and floats only) is written as it is: finite, and integers
+    in float64's exact range."""
+    try:
+        total = sum(values)
+    except (OverflowError, TypeError):
+        return False
+    if total - total != 0.0:  # an infinity or a NaN among them
+        return False
+    return int not in types or (min(values) >= -EXACT and max(values) <= EXACT)
+
+
+def _cumulative(cols: list[tuple[Any, ...]]) -> list[Any]:
+    """Cumulative bucket counts, column by column: one list per bucket."""
+    return list(accumulate(cols, lambda a, b: list(map(add, a, b))))
 
 
 class FleetCollector:
@@ -88,22 +132,25 @@ class FleetCollector:
         self._decisions = decisions
         self._checkpoint_ages = checkpoint_ages
         self._recovery_timeout = recovery_timeout
-        self._lines: dict[str, _Lines] = {}
+        self._lines: dict[str, Lines] = {}
         self.errors = errors or ThrottledLog(log, THROTTLE_SECONDS)
 
-    def _lines_of(self, masters: list[MasterRuntime]) -> list[_Lines]:
+    def _lines_of(self, masters: list[MasterRuntime]) -> list[Lines]:
         cache, role_of = self._lines, self._role_of
         out = []
         for rt in masters:
             lines = cache.get(rt.config.name)
             role = role_of(rt.config.name)
             if lines is None or lines.config is not rt.config or lines.role != role:
-                lines = cache[rt.config.name] = _Lines(rt, role)
+                lines = cache[rt.config.name] = Lines(rt, role)
             out.append(lines)
-        if len(cache) > len(masters):  # masters removed by a reload
-            keep = {rt.config.name for rt in masters}
-            self._lines = {k: v for k, v in cache.items() if k in keep}
         return out
+
+    def _forget_removed(self, masters: list[MasterRuntime]) -> None:
+        """Drop the cached lines of masters a reload removed."""
+        if len(self._lines) > len(masters):
+            keep = {rt.config.name for rt in masters}
+            self._lines = {k: v for k, v in self._lines.items() if k in keep}
 
     def _fetch(self, name: str, fn: Callable[[], T]) -> T | None:
         """A family's input, or None (the family's samples dropped) if it cannot be had."""
@@ -123,176 +170,238 @@ class FleetCollector:
             return "NaN"
 
     def render(self, openmetrics: bool) -> str:
+        """The whole per-master text at once (tests, tools); /metrics streams ``chunks``."""
+        return "".join(self.chunks(openmetrics))
+
+    def chunks(self, openmetrics: bool) -> Iterator[str]:
+        """The per-master families as pieces of text; the caller may hand the event loop back
+        between two pieces (an empty piece is only that chance)."""
         errors = self.errors
         now = time.time()
         try:
             masters = list(self._fleet())
-            cached = self._lines_of(masters)
         except Exception:
             errors.error("fleet", "per-master metrics dropped: the fleet could not be read")
-            return ""
-        out: list[str] = []
-        add = out.append
-        pairs = list(zip(masters, cached, strict=True))
-
-        def family(name: str, kind: str, help_text: str) -> None:
-            base = name.removesuffix("_total") if openmetrics and kind == "counter" else name
-            add(f"# HELP {base} {help_text}\n# TYPE {base} {kind}\n")
-
-        def each(name: str, lines_of: Callable[[MasterRuntime, _Lines], str]) -> None:
-            """A family written master by master: a master whose lines fail is left out."""
+            return
+        inputs = Inputs(
+            now,
+            self._fetch("ha_master_recovery_timed_out", self._recovery_timeout),
+            self._fetch("ha_master_routing_weight", self._weights),
+            self._fetch("ha_master_checkpoint_age_seconds", lambda: self._checkpoint_ages(now)),
+        )
+        pieces: list[Piece] = []
+        for start in range(0, len(masters), CHUNK):
+            some = masters[start : start + CHUNK]
             try:
-                add("".join([lines_of(rt, lines) for rt, lines in pairs]))
+                lines = self._lines_of(some)
+            except Exception:
+                errors.error("fleet", "per-master metrics dropped: the fleet could not be read")
                 return
-            except Exception:
-                pass  # found again, master by master, below: only the failing ones are lost
-            for rt, lines in pairs:
-                try:
-                    add(lines_of(rt, lines))
-                except Exception:
-                    errors.error(name, "metric %s: samples of %s dropped", name, rt.name)
+            pieces.append(snap.take(some, lines, inputs, errors))
+            yield ""
+        self._forget_removed(masters)
+        del masters
 
-        def gauge_per_master(
-            name: str, help_text: str, value: Callable[[MasterRuntime], object]
-        ) -> None:
-            """One sample per master (None: no sample); a failing value is written NaN."""
-            family(name, "gauge", help_text)
-            values: list[object] = []
-            try:
-                values = [value(rt) for rt in masters]
-            except Exception:
-                pass  # found again, master by master, below: only the failing ones are NaN
-            if len(values) != len(masters):
-                for rt in masters:
-                    try:
-                        values.append(value(rt))
-                    except Exception:
-                        errors.error(name, "metric %s: value of %s written as NaN", name, rt.name)
-                        values.append(math.nan)
-            for lines, v in zip(cached, values, strict=True):
-                if v is None:
-                    continue
-                if (type(v) is int and -EXACT <= v <= EXACT) or (
-                    type(v) is float and v - v == 0.0
-                ):
-                    add(f"{name}{{{lines.lab}}} {v}\n")  # the common case, kept cheap
-                else:
-                    add(f"{name}{{{lines.lab}}} {self._checked(name, v, lines.lab)}\n")
+        def family(name: str, kind: str, help_text: str) -> str:
+            base = name.removesuffix("_total") if openmetrics and kind == "counter" else name
+            return f"# HELP {base} {help_text}\n# TYPE {base} {kind}\n"
 
-        def gauge_from(
-            name: str,
-            help_text: str,
-            fetch: Callable[[], T],
-            value: Callable[[T, MasterRuntime], object],
-        ) -> None:
-            """gauge_per_master over an input fetched once per scrape; without the input the
-            family has no samples."""
-            data = self._fetch(name, fetch)
-            if data is None:
-                family(name, "gauge", help_text)
-            else:
-                gauge_per_master(name, help_text, lambda rt: value(data, rt))
-
-        family("ha_master_up", "gauge", "1 if the last probe of the master succeeded, else 0.")
-        each("ha_master_up", lambda rt, lines: f"{lines.up}{1 if rt.up else 0}\n")
-
-        family("ha_master_info", "gauge", "Static facts of each master; always 1.")
-        each("ha_master_info", lambda rt, lines: lines.info)
-
-        family(
+        yield family(
+            "ha_master_up", "gauge", "1 if the last probe of the master succeeded, else 0."
+        )
+        for p in pieces:
+            yield self._each(p, "ha_master_up", _fast_up, _one_up)
+        yield family("ha_master_info", "gauge", "Static facts of each master; always 1.")
+        for p in pieces:
+            yield "".join(map(_INFO, p.lines))
+        yield family(
             "ha_master_state",
             "gauge",
             "1 for the current health state of the master, 0 for the others.",
         )
-        each("ha_master_state", lambda rt, lines: lines.states[rt.health.state])
-
-        family(
+        for p in pieces:
+            yield self._each(p, "ha_master_state", _fast_state, _one_state)
+        yield family(
             "ha_master_probe_duration_seconds",
             "histogram",
             "Duration of health probes, from the exporter's own probe schedule.",
         )
+        for p in pieces:
+            yield self._each(p, "ha_master_probe_duration_seconds", _fast_hist, _one_hist)
+        yield family("ha_master_probes_total", "counter", "Health probes by result.")
+        for p in pieces:
+            yield self._each(p, "ha_master_probes_total", _fast_probes, _one_probes)
+        for name, column, help_text in GAUGES:
+            yield family(name, "gauge", help_text)
+            for p in pieces:
+                yield self._gauge(p, name, column)
+        del pieces
+        yield family(
+            "ha_route_decisions_total", "counter", "Routing decisions by master and strategy."
+        )
+        yield from self._route_decisions()
 
-        def histogram(rt: MasterRuntime, lines: _Lines) -> str:
-            counts = list(accumulate(rt.bucket_counts))
-            return "".join(
-                [
-                    *[f"{p}{n}\n" for p, n in zip(lines.buckets, counts, strict=True)],
-                    f"{lines.sum}{fmt(rt.probe_sum)}\n{lines.count}{counts[-1]}\n",
-                ]
-            )
+    def _each(
+        self,
+        piece: Piece,
+        name: str,
+        fast: Callable[[Piece], str],
+        one: Callable[[Lines, list[Any]], str],
+    ) -> str:
+        """A family's piece: at C speed, or master by master if anything in it is unusual;
+        a master whose lines cannot be written is left out (a FAILED one is, silently: it
+        was logged when it could not be read)."""
+        try:
+            return fast(piece)
+        except Exception:
+            pass  # found again, master by master, below: only the failing ones are lost
+        out = []
+        for i, lines in enumerate(piece.lines):
+            row = [col[i] for col in piece.cols]
+            try:
+                out.append(one(lines, row))
+            except Exception:
+                self.errors.error(
+                    name, "metric %s: samples of %s dropped", name, lines.config.name
+                )
+        return "".join(out)
 
-        each("ha_master_probe_duration_seconds", histogram)
+    def _gauge(self, piece: Piece, name: str, column: int) -> str:
+        """One sample per master (None: no sample); a value that is not a plain finite
+        number is written NaN (logged, throttled)."""
+        values = piece.cols[column]
+        labs: Iterator[str] | list[str] = piece.labs
+        types = set(map(type, values))
+        if types <= _GAUGE_TYPES:
+            if type(None) in types:
+                keep = [v is not None for v in values]
+                values = tuple(v for v in values if v is not None)
+                labs = (lab for lab, k in zip(piece.labs, keep, strict=True) if k)
+            if not values or _plain_numbers(values, types):
+                return "".join(
+                    chain.from_iterable(
+                        zip(repeat(f"{name}{{"), labs, repeat("} "), map(str, values),
+                            repeat("\n"))
+                    )
+                )
+        out = []
+        for lab, v in zip(piece.labs, piece.cols[column], strict=True):
+            if v is None:
+                continue
+            if v is FAILED:
+                out.append(f"{name}{{{lab}}} NaN\n")
+            elif (type(v) is int and -EXACT <= v <= EXACT) or (
+                type(v) is float and v - v == 0.0
+            ):
+                out.append(f"{name}{{{lab}}} {v}\n")
+            else:
+                out.append(f"{name}{{{lab}}} {self._checked(name, v, lab)}\n")
+        return "".join(out)
 
-        family("ha_master_probes_total", "counter", "Health probes by result.")
-        each(
-            "ha_master_probes_total",
-            lambda rt, lines: "".join(
-                [f"{p}{n}\n" for p, n in zip(lines.probes, rt.result_counts, strict=True)]
-            ),
-        )
-
-        gauge_per_master(
-            "ha_master_consecutive_failures",
-            "Consecutive failed probes.",
-            lambda rt: rt.health.consecutive_failures,
-        )
-        gauge_per_master(
-            "ha_master_last_probe_timestamp_seconds",
-            "Unix time of the last completed probe. Comes from the exporter's own probe "
-            "schedule, not from this scrape: a scrape never triggers a probe.",
-            lambda rt: rt.last_probe_wall,
-        )
-        gauge_from(
-            "ha_master_recovery_timed_out",
-            "1 when the master has been failed longer than failover.recovery_timeout.",
-            self._recovery_timeout,
-            lambda timeout, rt: 1 if rt.health.recovery_timed_out(now, timeout) else 0,
-        )
-        gauge_per_master(
-            "ha_master_needs_reset",
-            "1 when max_recovery_attempts ran out: only a manual reset heals it.",
-            lambda rt: 1 if rt.health.needs_reset else 0,
-        )
-        gauge_per_master(
-            "ha_master_queue_length",
-            "Queue length the master last reported.",
-            lambda rt: rt.queue_length,
-        )
-        gauge_per_master(
-            "ha_master_active_messages",
-            "Messages in flight the master reported.",
-            lambda rt: rt.active_messages,
-        )
-        gauge_per_master(
-            "ha_master_cpu_percent",
-            "CPU use the master last reported.",
-            lambda rt: rt.cpu_percent,
-        )
-        gauge_per_master(
-            "ha_master_memory_percent",
-            "Memory use the master last reported.",
-            lambda rt: rt.memory_percent,
-        )
-        gauge_from(
-            "ha_master_routing_weight",
-            "Effective routing weight; 0 when out of rotation.",
-            self._weights,
-            lambda weights, rt: weights.get(rt.config.name, 0.0),
-        )
-        gauge_from(
-            "ha_master_checkpoint_age_seconds",
-            "Age of the newest state checkpoint kept for the master.",
-            lambda: self._checkpoint_ages(now),
-            lambda ages, rt: ages.get(rt.config.name),
-        )
-
-        family("ha_route_decisions_total", "counter", "Routing decisions by master and strategy.")
+    def _route_decisions(self) -> Iterator[str]:
         decisions = self._fetch(
             "ha_route_decisions_total", lambda: sorted(self._decisions().items())
         )
-        for (master, strategy), n in decisions or ():
-            lab = f'master="{escape(master)}",strategy="{escape(strategy)}"'
-            text = self._checked("ha_route_decisions_total", n, lab)
-            if text != "NaN":  # a counter must not be NaN (OpenMetrics): dropped instead
-                add(f"ha_route_decisions_total{{{lab}}} {text}\n")
-        return "".join(out)
+        items = decisions or []
+        for start in range(0, len(items), DECISIONS_CHUNK):
+            out = []
+            for (master, strategy), n in items[start : start + DECISIONS_CHUNK]:
+                lab = f'master="{escape(master)}",strategy="{escape(strategy)}"'
+                text = self._checked("ha_route_decisions_total", n, lab)
+                if text != "NaN":  # a counter must not be NaN (OpenMetrics): dropped instead
+                    out.append(f"ha_route_decisions_total{{{lab}}} {text}\n")
+            yield "".join(out)
+
+
+#: The single-sample gauges, in the order they are written: (name, column, HELP).
+GAUGES: tuple[tuple[str, int, str], ...] = (
+    ("ha_master_consecutive_failures", snap.CONSECUTIVE_FAILURES, "Consecutive failed probes."),
+    (
+        "ha_master_last_probe_timestamp_seconds",
+        snap.LAST_PROBE,
+        "Unix time of the last completed probe. Comes from the exporter's own probe "
+        "schedule, not from this scrape: a scrape never triggers a probe.",
+    ),
+    (
+        "ha_master_recovery_timed_out",
+        snap.RECOVERY_TIMED_OUT,
+        "1 when the master has been failed longer than failover.recovery_timeout.",
+    ),
+    (
+        "ha_master_needs_reset",
+        snap.NEEDS_RESET,
+        "1 when max_recovery_attempts ran out: only a manual reset heals it.",
+    ),
+    ("ha_master_queue_length", snap.QUEUE_LENGTH, "Queue length the master last reported."),
+    (
+        "ha_master_active_messages",
+        snap.ACTIVE_MESSAGES,
+        "Messages in flight the master reported.",
+    ),
+    ("ha_master_cpu_percent", snap.CPU_PERCENT, "CPU use the master last reported."),
+    ("ha_master_memory_percent", snap.MEMORY_PERCENT, "Memory use the master last reported."),
+    (
+        "ha_master_routing_weight",
+        snap.ROUTING_WEIGHT,
+        "Effective routing weight; 0 when out of rotation.",
+    ),
+    (
+        "ha_master_checkpoint_age_seconds",
+        snap.CHECKPOINT_AGE,
+        "Age of the newest state checkpoint kept for the master.",
+    ),
+)
+
+
+# --- each family's piece: at C speed, or one master at a time ----------------------------------
+
+def _fast_up(p: Piece) -> str:
+    return "".join(map(add, map(_UP, p.lines), map(_UP_TEXT.__getitem__, p.cols[snap.UP])))
+
+
+def _one_up(lines: Lines, row: list[Any]) -> str:
+    up = row[snap.UP]
+    return "" if up is FAILED else f"{lines.up}{1 if up else 0}\n"
+
+
+def _fast_state(p: Piece) -> str:
+    texts = map(_STATE_TEXT.__getitem__, p.cols[snap.STATE])
+    return "".join(map(mod, texts, zip(*repeat(p.labs, len(STATES)), strict=True)))
+
+
+def _one_state(lines: Lines, row: list[Any]) -> str:
+    state = row[snap.STATE]
+    return "" if state is FAILED else _STATE_TEXT[state] % ((lines.lab,) * len(STATES))
+
+
+def _fast_hist(p: Piece) -> str:
+    sums = p.cols[snap.PROBE_SUM]
+    types = set(map(type, sums))
+    if not types <= _NUMBER_TYPES or not _plain_numbers(sums, types):
+        raise ValueError("probe sums need fmt()")
+    counts = _cumulative(p.cols[snap.BUCKETS : snap.BUCKETS + snap.NB])
+    values = _with_labels(p.labs, [*counts, list(map(str, sums)), counts[-1]])
+    return "".join(map(mod, repeat(_HIST), zip(*values, strict=True)))
+
+
+def _one_hist(lines: Lines, row: list[Any]) -> str:
+    total = row[snap.PROBE_SUM]
+    if total is FAILED:
+        return ""
+    counts = list(accumulate(row[snap.BUCKETS : snap.BUCKETS + snap.NB]))
+    values = [*counts, fmt(total), counts[-1]]
+    return _HIST % tuple(chain.from_iterable(zip(repeat(lines.lab), values)))
+
+
+def _fast_probes(p: Piece) -> str:
+    cols = p.cols[snap.PROBES : snap.PROBES + snap.NR]
+    if any(not set(map(type, col)) <= _INT_TYPES for col in cols):
+        raise ValueError("not plain counts")
+    return "".join(map(mod, repeat(_PROBES), zip(*_with_labels(p.labs, cols), strict=True)))
+
+
+def _one_probes(lines: Lines, row: list[Any]) -> str:
+    counts = row[snap.PROBES : snap.PROBES + snap.NR]
+    if any(c is FAILED for c in counts):
+        return ""
+    return _PROBES % tuple(chain.from_iterable(zip(repeat(lines.lab), counts)))

@@ -1,10 +1,15 @@
 """One scrape of /metrics: the fleet-level registry, then the per-master and duty families.
 
 Fleet-level metrics are ordinary prometheus_client metrics in a private registry, together
-with the process and platform collectors; every collector is isolated, so a failing one loses
-only its own families. The per-master families (``FleetCollector``) and the duty families are
-written as text after the registry's. The classic text format 0.0.4 is served by default,
-OpenMetrics 1.0 when the Accept header asks.
+with the process and platform collectors and the probe engine's lateness; every collector is
+isolated, so a failing one loses only its own families. The per-master families
+(``FleetCollector``) and the duty families are written as text after the registry's. The
+classic text format 0.0.4 is served by default, OpenMetrics 1.0 when the Accept header asks.
+
+A scrape is a sequence of text pieces (``chunks``): /metrics streams them (``stream``), writing
+each out as it comes and handing the event loop back every ``SLICE`` seconds, so that a scrape
+of 10,000 masters never holds the probes' schedule for long nor keeps its body in memory.
+``render`` joins them, for tests and tools.
 
 The duty status is computed once per scrape and shared by the duty families and the
 ``ha_fleet_health_score`` callback (``duty_status()``), so a scrape costs one pass over the
@@ -13,8 +18,10 @@ fleet for duties and nothing is kept per probe.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from prometheus_client import (
@@ -24,14 +31,19 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client import exposition as text_exposition
-from prometheus_client.openmetrics import exposition as om_exposition
 from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.failover.moves import DURATION_BUCKETS
-from exporter.metrics.collectors import CallbackGauge, CounterSource, Isolated, MappingCounter
-from exporter.metrics.duties import DutyStatus, render_duties
+from exporter.metrics.collectors import (
+    CallbackGauge,
+    CounterSource,
+    EngineSource,
+    Isolated,
+    MappingCounter,
+    ProbeEngineCollector,
+)
+from exporter.metrics.duties import DutyStatus, iter_duties
 from exporter.metrics.exposition import OM_CONTENT_TYPE, TEXT_CONTENT_TYPE
 from exporter.metrics.masters import FleetCollector
 
@@ -52,6 +64,12 @@ OWNED_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
 }
 
+#: A streamed scrape hands the event loop back at the first piece boundary after this long
+#: (seconds): under the probe scheduler's 5 ms tick.
+SLICE = 0.002
+#: A streamed scrape writes out what it holds once it holds this many characters.
+WRITE_SIZE = 64 * 1024
+
 HEALTH_SCORE_HELP = (
     "0..100: the lower of two shares: masters serving (maintenance excluded, degraded count "
     "half) and duties served by exactly one master (an unserved or split duty is an outage)."
@@ -70,6 +88,7 @@ class ExporterMetrics:
         self._duties = duties
         self._scrape: DutyStatus | Exception | None = None  # set only while rendering
         self.registry = CollectorRegistry(auto_describe=True)
+        self._collectors: list[Isolated] = []  # the registry's, in its order
         self.add_collector(ProcessCollector(registry=None), "process")
         self.add_collector(PlatformCollector(registry=None), "platform")
         self.build_info = self._gauge(
@@ -117,7 +136,9 @@ class ExporterMetrics:
 
     def add_collector(self, collector: C, name: str) -> C:
         """Register ``collector``, isolated: if it fails, only its own families are lost."""
-        self.registry.register(Isolated(collector, name, self.errors))
+        isolated = Isolated(collector, name, self.errors)
+        self.registry.register(isolated)
+        self._collectors.append(isolated)
         return collector
 
     def add_counter(
@@ -147,45 +168,92 @@ class ExporterMetrics:
             return scrape
         return self._duties() if self._duties is not None else DutyStatus({})
 
-    def _head(self, generate: Callable[[CollectorRegistry], bytes]) -> bytes:
-        try:
-            return generate(self.registry)
-        except Exception:
-            self.errors.error("registry", "fleet-level metrics left out of the scrape")
-            return b""
+    def add_probe_engine(self, source: EngineSource) -> ProbeEngineCollector:
+        """The probe engine's lateness (``ha_probe_schedule_lag_seconds``,
+        ``ha_probe_rounds_skipped_total``), read from what ``source`` returns at each scrape:
+        the prober, or None before it exists."""
+        engine = ProbeEngineCollector(source, self.errors)
+        return self.add_collector(engine, "probe_engine")
 
-    def _per_master(self, openmetrics: bool) -> str:
+    def _head(self, openmetrics: bool, status: DutyStatus | Exception | None) -> Iterator[str]:
+        """The registry's families, collector by collector in its order, each in pieces;
+        ``duty_status()`` answers ``status`` while (and only while) they are being written."""
+        for collector in self._collectors:
+            pieces = collector.chunks(openmetrics)
+            while True:
+                self._scrape = status
+                try:
+                    piece = next(pieces, None)
+                finally:
+                    self._scrape = None
+                if piece is None:
+                    break
+                yield piece
+
+    def _per_master(self, openmetrics: bool) -> Iterator[str]:
         try:
-            return self.collector.render(openmetrics)
+            yield from self.collector.chunks(openmetrics)
         except Exception:
             self.errors.error("per-master", "per-master metrics left out of the scrape")
-            return ""
 
-    def _duty_families(self) -> str:
-        if self._duties is None:
-            return ""
+    def _duty_families(self, status: DutyStatus | Exception | None) -> Iterator[str]:
+        if status is None:
+            return
         try:
-            return render_duties(self.duty_status(), self.errors)
+            if isinstance(status, Exception):
+                raise status
+            yield from iter_duties(status, self.errors)
         except Exception:
             self.errors.error("duties", "duty metrics left out of the scrape")
-            return ""
+
+    def chunks(self, openmetrics: bool) -> Iterator[str]:
+        """One scrape as pieces of text; the caller may hand the event loop back between
+        two of them (an empty piece is only that chance). Never raises: whatever fails is
+        left out and logged, so that the pieces always make a valid exposition."""
+        status: DutyStatus | Exception | None = None
+        if self._duties is not None:
+            try:
+                status = self._duties()
+            except Exception as exc:  # its readers log it, each under its own name
+                status = exc
+            yield ""  # that was a pass over the fleet: a chance for the loop
+        yield from self._head(openmetrics, status)
+        yield from self._per_master(openmetrics)
+        yield from self._duty_families(status)
+        if openmetrics:
+            yield "# EOF\n"
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """Body and content type for a scrape, OpenMetrics when the Accept header asks."""
-        openmetrics = accept is not None and "application/openmetrics-text" in accept
-        if self._duties is not None:
-            try:
-                self._scrape = self._duties()
-            except Exception as exc:  # its readers log it, each under its own name
-                self._scrape = exc
-        try:
-            if openmetrics:
-                head = self._head(om_exposition.generate_latest).decode()
-                head = head.removesuffix("# EOF\n")
-                body = self._per_master(True) + self._duty_families() + "# EOF\n"
-                return head.encode() + body.encode(), OM_CONTENT_TYPE
-            head_bytes = self._head(text_exposition.generate_latest)
-            tail = self._per_master(False) + self._duty_families()
-            return head_bytes + tail.encode(), TEXT_CONTENT_TYPE
-        finally:
-            self._scrape = None
+        openmetrics = wants_openmetrics(accept)
+        return "".join(self.chunks(openmetrics)).encode(), content_type(openmetrics)
+
+    async def stream(self, openmetrics: bool) -> AsyncGenerator[bytes, None]:
+        """One scrape as bytes to write out as they come, about ``WRITE_SIZE`` at a time;
+        the event loop is handed back every ``SLICE`` seconds of rendering."""
+        pending: list[str] = []
+        size = 0
+        clock = time.perf_counter
+        handed_back = clock()
+        for piece in self.chunks(openmetrics):
+            if piece:
+                pending.append(piece)
+                size += len(piece)
+                if size >= WRITE_SIZE:
+                    yield "".join(pending).encode()
+                    pending.clear()
+                    size = 0
+            if clock() - handed_back >= SLICE:
+                await asyncio.sleep(0)
+                handed_back = clock()
+        if pending:
+            yield "".join(pending).encode()
+
+
+def wants_openmetrics(accept: str | None) -> bool:
+    """Whether a scraper's Accept header asks for OpenMetrics."""
+    return accept is not None and "application/openmetrics-text" in accept
+
+
+def content_type(openmetrics: bool) -> str:
+    return OM_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE

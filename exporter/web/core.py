@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
 
 from exporter.fleet import MasterRuntime
+from exporter.metrics import content_type, wants_openmetrics
 from exporter.service import Service
 from exporter.web.jsonapi import ApiError, NoBody, json_response, read_body
 from exporter.web.keys import SERVICE
+
+log = logging.getLogger(__name__)
 
 
 def _master_or_404(request: web.Request) -> MasterRuntime:
@@ -20,11 +25,22 @@ def _master_or_404(request: web.Request) -> MasterRuntime:
     return rt
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text, or OpenMetrics when the scraper's Accept header asks for it."""
-    body, content_type = request.app[SERVICE].metrics.render(request.headers.get("Accept"))
-    resp = web.Response(body=body)
-    resp.headers["Content-Type"] = content_type
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """Prometheus text, or OpenMetrics when the scraper's Accept header asks for it, streamed:
+    each piece is written as it is rendered and the event loop is handed back in between, so
+    a scrape of a large fleet neither holds the probes' schedule nor its whole body in memory.
+    The render never raises (what fails is left out), so once the headers are out the body is
+    always a valid exposition."""
+    openmetrics = wants_openmetrics(request.headers.get("Accept"))
+    resp = web.StreamResponse(headers={"Content-Type": content_type(openmetrics)})
+    await resp.prepare(request)
+    try:
+        async with aclosing(request.app[SERVICE].metrics.stream(openmetrics)) as body:
+            async for data in body:
+                await resp.write(data)
+        await resp.write_eof()
+    except ConnectionError:  # the scraper gave up (its scrape_timeout) or went away
+        log.debug("scrape of /metrics from %s ended by the client", request.remote)
     return resp
 
 

@@ -1,0 +1,556 @@
+"""Process-level probe benchmark: the real `ha-exporter run`, measured from outside.
+
+Run: python -m bench.bench_process [--configs 1000x1 2000x1 10000x2] [--seconds 15]
+                                   [--repeat 3] [--rev REV] [--json FILE]
+
+What runs, on a machine of two or more cores:
+
+* nginx (Debian ``nginx-light``), its config generated into a temp dir: one worker answering the
+  same /health JSON for every path, keep-alive (no request limit per connection). Pinned to
+  core 1 with the rest of the load.
+* ``ha-exporter run`` (this tree, or ``--rev REV`` exported with ``git archive`` for a before
+  figure), pinned to core 0 alone with taskset, probing N masters every I seconds: master
+  ``m{i}`` is ``http://127.0.0.1:PORT/m{i}``, so every master has its own URL on one nginx.
+* prometheus-blackbox-exporter probing the same target (its own nginx port, so its probes are
+  counted apart) through ``/probe``, driven from here at a fixed pace (``--blackbox-rate``).
+* HAProxy's health checker (Debian ``haproxy``), one backend of min(N, ``--haproxy-servers``)
+  servers on the same target, ``check inter I``: HAProxy's own schedule.
+
+For each: probes/s kept vs scheduled (requests counted by nginx, one access-log byte pair per
+request on each client's own port), CPU-µs per probe (utime + stime from /proc/PID/stat over
+the window), RSS at the end. The exporter is measured in two windows: A without scrapes (the
+probe engine alone) and B with /metrics scraped a few times a second (``--scrapes-per-second``,
+one at a time), whose latency p50/p99 is reported; B's CPU includes rendering the scrapes.
+Every master answers the same JSON, so every probe should be ``success``: the share that was is
+read from the last scrape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from bench.common import cpu_seconds, free_port, machine, rss_kib, wait_http
+
+EXPORTER_CORE, LOAD_CORE = 0, 1
+REPO = Path(__file__).resolve().parent.parent
+#: The shape of `ha-exporter master`'s /health answer (exporter.sim.state).
+BODY = (
+    '{"status": "ok", "queue_length": 3, "active_messages": 1, "cpu_percent": 12.5, '
+    '"memory_percent": 40.0, "name": "m", "region": "uae", "active": false, "duties": [], '
+    '"epoch": 0}'
+)
+NOFILE = 20_000
+PROBE_TIMEOUT = "500ms"
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else NOFILE * 4
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(want, NOFILE * 4)), hard))
+
+
+def pinned(core: int, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", str(core), *argv]
+
+
+# --- nginx ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Nginx:
+    proc: subprocess.Popen
+    ports: dict[str, int]  # client name -> the port its probes go to
+    logs: dict[str, Path]
+
+    def requests(self, client: str) -> int:
+        """/health requests served on that client's port so far (two bytes of access log
+        each); other calls (the failover's checkpoints) are not counted."""
+        path = self.logs[client]
+        return path.stat().st_size // 2 if path.exists() else 0
+
+    async def flush(self) -> None:
+        """Have nginx write out its buffered access log lines (SIGUSR1 reopens the logs,
+        writing the buffers first), so that a count is exact at this moment."""
+        self.proc.send_signal(signal.SIGUSR1)
+        await asyncio.sleep(0.05)
+
+
+def start_nginx(tmp: Path, clients: list[str]) -> Nginx:
+    ports = {c: free_port() for c in clients}
+    logs = {c: tmp / f"nginx-{c}.log" for c in clients}
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / sub).mkdir()
+    body = BODY.replace("'", "\\'")
+    servers = "\n".join(
+        f"""  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    access_log {logs[c]} one buffer=16k flush=1s if=$health;
+    location / {{ default_type application/json; return 200 '{body}'; }}
+  }}"""
+        for c, port in ports.items()
+    )
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile {NOFILE * 2};
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections {NOFILE}; use epoll; multi_accept on; }}
+http {{
+  log_format one '.';
+  map $uri $health {{ ~/health$ 1; default 0; }}  # probes only (not the failover's calls)
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+{servers}
+}}
+""")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    proc = subprocess.Popen(
+        pinned(LOAD_CORE, [nginx, "-c", str(conf), "-p", str(tmp)]),
+        stdout=subprocess.DEVNULL, stderr=(tmp / "nginx.out").open("wb"),
+        preexec_fn=_raise_nofile,
+    )
+    for port in ports.values():
+        try:
+            wait_http(f"http://127.0.0.1:{port}/warm")
+        except RuntimeError:
+            proc.kill()
+            sys.exit(f"nginx did not start: {(tmp / 'nginx.out').read_text()[-2000:]}")
+    return Nginx(proc, ports, logs)
+
+
+# --- the exporter --------------------------------------------------------------------------
+
+
+def export_rev(rev: str, into: Path) -> Path:
+    """The tree of git revision ``rev``, exported read-only with ``git archive``."""
+    tar = into / "tree.tar"
+    with tar.open("wb") as out:
+        subprocess.run(["git", "-C", str(REPO), "archive", rev], stdout=out, check=True)
+    tree = into / "tree"
+    with tarfile.open(tar) as t:
+        t.extractall(tree, filter="data")
+    return tree
+
+
+def start_exporter(
+    tmp: Path, tree: Path, port: int, masters: int, interval: float, loop: str = ""
+) -> tuple[subprocess.Popen, str]:
+    listen = free_port()
+    cfg = {
+        "listen": {"host": "127.0.0.1", "port": listen},
+        "state_path": str(tmp / "state.db"),
+        "probe": {
+            "interval": f"{int(interval * 1000)}ms",
+            "timeout": PROBE_TIMEOUT,
+            "max_connections": min(masters + 64, 65535),
+        },
+        "masters": [
+            {"name": f"m{i}", "url": f"http://127.0.0.1:{port}/m{i}"} for i in range(masters)
+        ],
+        "failover": {"enabled": False, "checkpoint_interval": "1h"},
+    }
+    path = tmp / "config.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    if loop:
+        env["HA_EXPORTER_EVENT_LOOP"] = loop
+    with (tmp / "exporter.log").open("wb") as log:
+        proc = subprocess.Popen(
+            pinned(EXPORTER_CORE, [sys.executable, "-m", "exporter.cli", "--log-level", "warning",
+                                   "run", "--config", str(path), "--insecure-no-auth"]),
+            cwd=tree, env=env, stdout=log, stderr=log, preexec_fn=_raise_nofile,
+        )
+    base = f"http://127.0.0.1:{listen}"
+    try:
+        wait_http(f"{base}/readyz", timeout=300)
+    except RuntimeError:
+        proc.kill()
+        tail = (tmp / "exporter.log").read_text()[-1500:]
+        raise RunFailed(f"exporter not ready within 300 s; its log ends:\n{tail}") from None
+    return proc, base
+
+
+class RunFailed(Exception):
+    """One run could not be measured; the others go on."""
+
+
+# --- blackbox_exporter and HAProxy ---------------------------------------------------------
+
+
+def start_blackbox(tmp: Path) -> tuple[subprocess.Popen, str] | None:
+    binary = shutil.which("prometheus-blackbox-exporter")
+    if binary is None:
+        return None
+    port = free_port()
+    conf = tmp / "blackbox.yml"
+    conf.write_text(f"modules:\n  http_2xx:\n    prober: http\n    timeout: {PROBE_TIMEOUT}\n")
+    proc = subprocess.Popen(
+        pinned(LOAD_CORE, [binary, f"--config.file={conf}",
+                           f"--web.listen-address=127.0.0.1:{port}"]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_http(f"http://127.0.0.1:{port}/metrics")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_haproxy(tmp: Path, port: int, servers: int, interval: float) -> subprocess.Popen | None:
+    binary = shutil.which("haproxy")
+    if binary is None:
+        return None
+    ms = int(interval * 1000)
+    lines = [
+        "global",
+        "  maxconn 4000",
+        "  nbthread 1",
+        "  spread-checks 10",
+        "defaults",
+        "  mode http",
+        "  timeout connect 500ms",
+        "  timeout check 500ms",
+        "  timeout client 5s",
+        "  timeout server 5s",
+        "frontend fe",
+        f"  bind 127.0.0.1:{free_port()}",
+        "  default_backend masters",
+        "backend masters",
+        "  option httpchk",
+        "  http-check send meth GET uri /health ver HTTP/1.1 hdr Host localhost",
+        "  http-check expect status 200",
+        f"  default-server inter {ms}ms fall 3 rise 2",
+        *(f"  server m{i} 127.0.0.1:{port} check" for i in range(servers)),
+    ]
+    conf = tmp / "haproxy.cfg"
+    conf.write_text("\n".join(lines) + "\n")
+    return subprocess.Popen(
+        pinned(LOAD_CORE, [binary, "-db", "-f", str(conf)]),
+        stdout=subprocess.DEVNULL, stderr=(tmp / "haproxy.out").open("wb"),
+        preexec_fn=_raise_nofile,
+    )
+
+
+async def drive_blackbox(
+    http: aiohttp.ClientSession, base: str, target_port: int, masters: int, rate: float,
+    stop: asyncio.Event, done: list[int],
+) -> None:
+    """Ask blackbox_exporter for ``rate`` probes a second (64 at most at once), each of another
+    master's URL, like a Prometheus with one scrape job per master would."""
+    sem = asyncio.Semaphore(64)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(i: int) -> None:
+        params = {"module": "http_2xx", "target": f"http://127.0.0.1:{target_port}/m{i}/health"}
+        try:
+            async with http.get(f"{base}/probe", params=params) as resp:
+                if "probe_success 1" in await resp.text():
+                    done[0] += 1
+        finally:
+            sem.release()
+
+    i, start = 0, time.monotonic()
+    while not stop.is_set():
+        due = start + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await sem.acquire()
+        task = asyncio.create_task(one(i % masters))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        i += 1
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --- one run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    seconds: float = 0.0
+    requests: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    masters: int
+    interval: float
+    scheduled: float
+    ours_rate_a: float = 0.0
+    ours_us_a: float = 0.0
+    ours_rate_b: float = 0.0
+    ours_us_b: float = 0.0
+    scrape_p50_ms: float = 0.0
+    scrape_p99_ms: float = 0.0
+    scrapes: int = 0
+    success: float = 0.0
+    ours_rss_mib: float = 0.0
+    bb_scheduled: float = 0.0
+    bb_rate: float = 0.0
+    bb_us: float = 0.0
+    bb_rss_mib: float = 0.0
+    hap_servers: int = 0
+    hap_scheduled: float = 0.0
+    hap_rate: float = 0.0
+    hap_us: float = 0.0
+    hap_rss_mib: float = 0.0
+
+
+def _rss_mib(proc: subprocess.Popen) -> float:
+    """RSS of a child still running (0 if it died: then its figures are missing)."""
+    return rss_kib(proc.pid) / 1024 if proc.poll() is None else 0.0
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def _success_share(text: str) -> float:
+    ok = total = 0.0
+    for line in text.splitlines():
+        if line.startswith("ha_master_probes_total{"):
+            value = float(line.rsplit(" ", 1)[1])
+            total += value
+            if 'result="success"' in line:
+                ok += value
+    return ok / total if total else 0.0
+
+
+async def measure(
+    nginx: Nginx, pids: dict[str, int], seconds: float, scrape: str | None = None,
+    scrape_rate: float = 2.0, http: aiohttp.ClientSession | None = None,
+) -> tuple[Window, list[float], str]:
+    """Requests and CPU of each client over ``seconds``; with ``scrape``, /metrics is fetched
+    ``scrape_rate`` times a second meanwhile (one at a time) and each duration kept."""
+    durations: list[float] = []
+    last = ""
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    t0 = time.monotonic()
+    await nginx.flush()  # the count as of t0 (the signal), read 50 ms later
+    req0 = {c: nginx.requests(c) for c in nginx.ports}
+    end = t0 + seconds
+    if scrape is None or http is None:
+        await asyncio.sleep(seconds)
+    else:
+        n = 0
+        while time.monotonic() < end:
+            due = t0 + n / scrape_rate
+            if (delay := due - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+            s0 = time.perf_counter()
+            try:
+                async with http.get(scrape) as resp:
+                    body = await resp.read()
+                last = body.decode()
+            except TimeoutError:  # counted at the timeout: the p99 says so
+                pass
+            durations.append(time.perf_counter() - s0)
+            n += 1
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
+    t1 = time.monotonic()
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    await nginx.flush()
+    window = Window(
+        seconds=t1 - t0,
+        requests={c: nginx.requests(c) - req0[c] for c in nginx.ports},
+        cpu=cpu,
+    )
+    return window, durations, last
+
+
+async def run_one(args: argparse.Namespace, tree: Path, masters: int, interval: float) -> Run:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-process-"))
+    run = Run(masters, interval, masters / interval)
+    procs: list[subprocess.Popen] = []
+    try:
+        nginx = start_nginx(tmp, ["ours", "blackbox", "haproxy"])
+        procs.append(nginx.proc)
+        exporter, base = start_exporter(
+            tmp, tree, nginx.ports["ours"], masters, interval, args.loop
+        )
+        procs.append(exporter)
+        pids = {"ours": exporter.pid}
+        bb = None if args.blackbox_rate <= 0 else start_blackbox(tmp)
+        if bb is not None:
+            procs.append(bb[0])
+            pids["blackbox"] = bb[0].pid
+        hap_servers = min(masters, args.haproxy_servers)
+        hap = start_haproxy(tmp, nginx.ports["haproxy"], hap_servers, interval) if (
+            hap_servers > 0) else None
+        if hap is not None:
+            procs.append(hap)
+            pids["haproxy"] = hap.pid
+            run.hap_servers, run.hap_scheduled = hap_servers, hap_servers / interval
+        stop = asyncio.Event()
+        bb_done = [0]
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            driving = None
+            if bb is not None:
+                run.bb_scheduled = args.blackbox_rate
+                driving = asyncio.create_task(drive_blackbox(
+                    http, bb[1], nginx.ports["blackbox"], masters, args.blackbox_rate, stop,
+                    bb_done,
+                ))
+            await asyncio.sleep(max(3.0, 2 * interval))  # warm: connections open, code hot
+            spy = None
+            if args.py_spy:  # the profile of window A (py-spy on the load core, not pausing)
+                out = args.py_spy / f"{masters}x{interval:g}-{time.strftime('%H%M%S')}.txt"
+                spy = subprocess.Popen(
+                    ["py-spy", "record", "--nonblocking", "-r", "200", "-d",
+                     str(int(args.seconds)), "-f", "raw", "-o", str(out), "-p",
+                     str(exporter.pid)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            a, _, _ = await measure(nginx, pids, args.seconds)
+            if spy is not None:
+                spy.wait(30)
+            b, durations, last = await measure(
+                nginx, pids, args.seconds, f"{base}/metrics", args.scrapes_per_second, http
+            )
+            stop.set()
+            if driving is not None:
+                await driving
+        run.ours_rate_a = a.requests["ours"] / a.seconds
+        run.ours_us_a = 1e6 * a.cpu["ours"] / max(1, a.requests["ours"])
+        run.ours_rate_b = b.requests["ours"] / b.seconds
+        run.ours_us_b = 1e6 * b.cpu["ours"] / max(1, b.requests["ours"])
+        run.scrapes = len(durations)
+        run.scrape_p50_ms = 1000 * _pct(durations, 0.5)
+        run.scrape_p99_ms = 1000 * _pct(durations, 0.99)
+        run.success = _success_share(last)
+        run.ours_rss_mib = _rss_mib(exporter)
+        total = {k: a.cpu.get(k, 0.0) + b.cpu.get(k, 0.0) for k in pids}
+        reqs = {k: a.requests[k] + b.requests[k] for k in nginx.ports}
+        secs = a.seconds + b.seconds
+        if bb is not None:
+            run.bb_rate = reqs["blackbox"] / secs
+            run.bb_us = 1e6 * total["blackbox"] / max(1, reqs["blackbox"])
+            run.bb_rss_mib = _rss_mib(bb[0])
+        if hap is not None:
+            run.hap_rate = reqs["haproxy"] / secs
+            run.hap_us = 1e6 * total["haproxy"] / max(1, reqs["haproxy"])
+            run.hap_rss_mib = _rss_mib(hap)
+        return run
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"  (kept {tmp})")
+
+
+def median_run(runs: list[Run]) -> Run:
+    """Each figure's median over the repeats."""
+    out = Run(runs[0].masters, runs[0].interval, runs[0].scheduled)
+    for name, value in asdict(out).items():
+        if isinstance(value, float) and name not in ("interval", "scheduled"):
+            setattr(out, name, statistics.median(getattr(r, name) for r in runs))
+    out.scrapes = int(statistics.median(r.scrapes for r in runs))
+    out.hap_servers = runs[0].hap_servers
+    return out
+
+
+def show(r: Run, label: str) -> str:
+    lines = [
+        f"{label}: {r.masters:,} masters every {r.interval:g}s "
+        f"(scheduled {r.scheduled:,.0f} probes/s)",
+        f"  ha-exporter      A (no scrapes): {r.ours_rate_a:,.0f} probes/s kept, "
+        f"{r.ours_us_a:.0f} CPU-µs/probe, {100 * r.ours_rate_a * r.ours_us_a / 1e6:.0f}% of "
+        f"its core",
+        f"  ha-exporter      B ({r.scrapes} scrapes): {r.ours_rate_b:,.0f} probes/s kept, "
+        f"{r.ours_us_b:.0f} CPU-µs/probe (scrapes included), /metrics p50 "
+        f"{r.scrape_p50_ms:.0f} ms p99 {r.scrape_p99_ms:.0f} ms; success "
+        f"{100 * r.success:.1f}%; RSS {r.ours_rss_mib:.0f} MiB",
+    ]
+    if r.bb_scheduled:
+        lines.append(
+            f"  blackbox_exporter: {r.bb_rate:,.0f} of {r.bb_scheduled:,.0f} probes/s, "
+            f"{r.bb_us:.0f} CPU-µs/probe; RSS {r.bb_rss_mib:.0f} MiB"
+        )
+    if r.hap_servers:
+        lines.append(
+            f"  haproxy checker:  {r.hap_rate:,.0f} of {r.hap_scheduled:,.0f} checks/s "
+            f"({r.hap_servers:,} servers), {r.hap_us:.0f} CPU-µs/check; RSS "
+            f"{r.hap_rss_mib:.0f} MiB"
+        )
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", nargs="+", default=["1000x1", "2000x1", "10000x2"],
+                    help="MASTERSxINTERVAL_SECONDS")
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of each window")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rev", help="benchmark this git revision (git archive) instead")
+    ap.add_argument("--blackbox-rate", type=float, default=500.0)
+    ap.add_argument("--haproxy-servers", type=int, default=1000)
+    ap.add_argument("--scrapes-per-second", type=float, default=2.0)
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="",
+                    help="the exporter's event loop (default: its own choice, uvloop if installed)")
+    ap.add_argument("--json", type=Path, help="append every run's figures here (JSON lines)")
+    ap.add_argument("--py-spy", type=Path, metavar="DIR",
+                    help="profile the exporter in window A with py-spy (raw folded stacks)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dirs (logs, configs)")
+    args = ap.parse_args()
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("needs two cores: the exporter alone on core 0, the load on core 1")
+    os.sched_setaffinity(0, {LOAD_CORE})
+    _raise_nofile()
+    with tempfile.TemporaryDirectory(prefix="bench-tree-") as scratch:
+        tree = export_rev(args.rev, Path(scratch)) if args.rev else REPO
+        label = f"rev {args.rev}" if args.rev else "this tree"
+        print(f"machine: {machine()}; {label}; {time.strftime('%Y-%m-%d %H:%M')}; load "
+              f"{os.getloadavg()[0]:.2f}")
+        for spec in args.configs:
+            n, interval = spec.split("x")
+            runs = []
+            for i in range(args.repeat):
+                try:
+                    r = await run_one(args, tree, int(n), float(interval))
+                except (RunFailed, TimeoutError, aiohttp.ClientError) as exc:
+                    print(f"run {i + 1}/{args.repeat} of {spec} failed: {exc}", flush=True)
+                    continue
+                print(show(r, f"run {i + 1}/{args.repeat}"), flush=True)
+                if args.json:
+                    with args.json.open("a") as f:
+                        f.write(json.dumps({"label": label, **asdict(r)}) + "\n")
+                runs.append(r)
+            if len(runs) > 1:
+                print(show(median_run(runs), f"MEDIAN of {len(runs)} ({label})"), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
