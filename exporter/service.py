@@ -87,6 +87,7 @@ class Service:
             "ha_state_store_errors_total", lambda: getattr(self.store, "errors", None)
         )
         m.add_owned_counter("ha_master_checkpoint_failures_total", self._checkpoint_failures)
+        m.add_probe_engine(lambda: self.prober)
         m.load_distribution_quality.set_function(self.router.distribution_quality)
         m.failover_in_progress.set_function(
             lambda: self.failover.in_progress if self.failover else 0
@@ -158,8 +159,10 @@ class Service:
             extra={"event": "routing_change", "master": failed, "backup": backup},
         )
 
-    def _on_failover_result(self, master: str, result: str, duration: float | None) -> None:
-        self.metrics.failovers.labels(master, result).inc()
+    def _on_failover_result(
+        self, master: str, result: str, duration: float | None, state_source: str
+    ) -> None:
+        self.metrics.failovers.labels(master, result, state_source).inc()
         if duration is not None:
             self.metrics.failover_duration.observe(duration)
 
@@ -249,7 +252,7 @@ class Service:
             on_routing_change=self._on_routing_change,
             publish=self.bus.publish,
         )
-        self.failover.stats.listeners.append(self._on_failover_result)
+        self.failover.stats.source_listeners.append(self._on_failover_result)
         self.bus.subscribe(Transition, self.failover.on_transition)
         self.duties.restore()
         self.failover.restore()

@@ -626,7 +626,7 @@ def test_probe_engine_lateness_is_a_histogram_and_a_counter(tmp_path):
     svc = duty_service(tmp_path)
     try:
         prober = engine()
-        svc.metrics.add_probe_engine(lambda: prober)
+        svc.prober = prober  # the figures the service reads from its prober at scrape time
         text = svc.metrics.render(None)[0].decode()
         families = {f.name: f for f in text_string_to_metric_families(text)}
         lag = families["ha_probe_schedule_lag_seconds"]
@@ -678,7 +678,7 @@ def test_probe_engine_figures_that_do_not_add_up_leave_out_their_family(tmp_path
                                                                        present):
     svc = duty_service(tmp_path)
     try:
-        svc.metrics.add_probe_engine(lambda: prober)
+        svc.prober = prober  # the figures the service reads from its prober at scrape time
         text = svc.metrics.render(None)[0].decode()
         names = {f.name for f in text_string_to_metric_families(text)}
         assert {n for n in names if n.startswith("ha_probe_")} == present

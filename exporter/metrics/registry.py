@@ -110,8 +110,9 @@ class ExporterMetrics:
         self.failovers = self.add_collector(
             Counter(
                 "ha_failovers_total",
-                "Failovers by the master failed away from and result.",
-                ["master", "result"],
+                "Failovers by the master failed away from, result, and where the state the "
+                "backup got came from (live, checkpoint, none).",
+                ["master", "result", "state_source"],
                 registry=None,
             ),
             "ha_failovers_total",

@@ -90,10 +90,10 @@ async def test_sigkilled_active_master_moves_to_best_standby_with_its_state(flee
     for _ in range(200):
         route = await get_json(http, f"{base}/api/v1/route")
         assert route["master"] != "master-a"
-    assert (
-        await metric_value(http, base, 'ha_failovers_total{master="master-a",result="success"}')
-        == 1
-    )
+    source = next(s for s in record["steps"] if s["step"] == "fetch")["detail"]["source"]
+    assert source in ("live", "checkpoint")
+    series = f'ha_failovers_total{{master="master-a",result="success",state_source="{source}"}}'
+    assert await metric_value(http, base, series) == 1
     audit = await get_json(http, f"{base}/api/v1/audit?limit=200")
     assert any(e["master"] == "master-a" for e in audit["items"])
 
