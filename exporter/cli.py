@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -58,6 +59,9 @@ async def serve_until_signalled(
 
     async def serve() -> None:
         async with running(service, host, port):
+            # what start-up built lives as long as the process: kept out of the collector's
+            # full passes, which otherwise stall the loop for 100+ ms at 10,000 masters
+            gc.freeze()
             await stop.wait()
             log.info("shutting down (deadline %.0fs)", SHUTDOWN_DEADLINE)
 
