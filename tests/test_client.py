@@ -364,7 +364,8 @@ async def test_every_exporter_stopped_the_producer_keeps_going_on_its_last_table
         tried = len(masters[1].seen)
         results = [await client.send({"id": f"after-{i}"}) for i in range(30)]
         assert {r["attempts"] for r in results} == {1} and len(masters[1].seen) == tried
-        assert client.stats()["exporter_up"] and client.stats()["table_age_seconds"] < 1.0
+        await wait_for(lambda: client.stats()["exporter_up"]
+                       and client.stats()["table_age_seconds"] < 1.0, 5, "a fresh table")
         assert exporter.asked == 0 and "unusable" not in caplog.text  # never asked per message
     ids = {r["id"] for r in [*delivered, *results]}
     assert ids <= set(masters[0].accepted) | set(masters[2].accepted)

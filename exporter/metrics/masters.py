@@ -31,7 +31,7 @@ from exporter.fleet import PROBE_BUCKETS, RESULTS, STATES, Fleet, MasterRuntime
 from exporter.logs import ThrottledLog
 from exporter.metrics import snapshot as snap
 from exporter.metrics.exposition import EXACT, THROTTLE_SECONDS, escape, fmt, sample_value
-from exporter.metrics.snapshot import CHUNK, FAILED, Inputs, Piece
+from exporter.metrics.snapshot import CHUNK, FAILED, Inputs, Lines, Piece
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +40,6 @@ T = TypeVar("T")
 _BUCKET_LABELS = [f'le="{b}"' for b in PROBE_BUCKETS] + ['le="+Inf"']
 #: How many route-decision samples one piece holds.
 DECISIONS_CHUNK = 2000
-
-
-class Lines:
-    """A master's static labels, built once per (config, role), reused every scrape: its
-    ``master="..."`` label and its two lines that carry more than that. Every other line is
-    a module-wide %-template the label is formatted into, so the cache costs a few hundred
-    bytes per master rather than kilobytes."""
-
-    __slots__ = ("config", "info", "lab", "role", "up")
-
-    def __init__(self, rt: MasterRuntime, role: str) -> None:
-        c = rt.config
-        self.config, self.role = c, role
-        lab = self.lab = f'master="{escape(c.name)}"'
-        region = escape(c.region)
-        self.up = f'ha_master_up{{{lab},region="{region}",role="{role}"}} '
-        self.info = (
-            f'ha_master_info{{{lab},region="{region}",role="{role}",'
-            f'priority="{c.priority}"}} 1\n'
-        )
 
 
 #: A master's state lines by its current state; formatted with its label once per state.

@@ -25,15 +25,34 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from exporter.fleet import PROBE_BUCKETS, RESULTS, MasterRuntime
 from exporter.logs import ThrottledLog
-
-if TYPE_CHECKING:
-    from exporter.metrics.masters import Lines
+from exporter.metrics.exposition import escape
 
 log = logging.getLogger(__name__)
+
+
+class Lines:
+    """A master's static labels, built once per (config, role), reused every scrape: its
+    ``master="..."`` label and its two lines that carry more than that. Every other line is
+    a module-wide %-template the label is formatted into, so the cache costs a few hundred
+    bytes per master rather than kilobytes."""
+
+    __slots__ = ("config", "info", "lab", "role", "up")
+
+    def __init__(self, rt: MasterRuntime, role: str) -> None:
+        c = rt.config
+        self.config, self.role = c, role
+        lab = self.lab = f'master="{escape(c.name)}"'
+        region = escape(c.region)
+        self.up = f'ha_master_up{{{lab},region="{region}",role="{role}"}} '
+        self.info = (
+            f'ha_master_info{{{lab},region="{region}",role="{role}",'
+            f'priority="{c.priority}"}} 1\n'
+        )
+
 
 #: How many masters one piece of a scrape covers: the unit between two hand-backs of the
 #: event loop (a fraction of a millisecond to about three of rendering, by family).

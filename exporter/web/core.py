@@ -33,6 +33,10 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     always a valid exposition."""
     openmetrics = wants_openmetrics(request.headers.get("Accept"))
     resp = web.StreamResponse(headers={"Content-Type": content_type(openmetrics)})
+    if request.method == "HEAD":  # headers only: a body here would corrupt the connection
+        resp.content_length = 0
+        await resp.prepare(request)
+        return resp
     await resp.prepare(request)
     try:
         async with aclosing(request.app[SERVICE].metrics.stream(openmetrics)) as body:

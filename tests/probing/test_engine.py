@@ -351,9 +351,22 @@ async def test_bytes_nobody_asked_for_drop_the_connection(raw_server):
     assert raw.connections >= 2
 
 
-async def test_the_pool_stays_bounded_and_everyone_is_probed(raw_server):
+class CountingPool(engine_module.Pool):
+    """The pool, remembering the most places it ever had taken."""
+
+    most = 0
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "open":
+            CountingPool.most = max(CountingPool.most, value)  # type: ignore[call-overload]
+        super().__setattr__(name, value)
+
+
+async def test_the_pool_stays_bounded_and_everyone_is_probed(raw_server, monkeypatch):
     """20 masters, 4 connections: answers take 50 ms, so probes overlap and wait for a place;
     never more than 4 connections are open, and every master gets its answers."""
+    monkeypatch.setattr(engine_module, "Pool", CountingPool)
+    CountingPool.most = 0
     raw = Raw(lambda *_: answer(), delay=0.05)
     url = await raw_server(raw)
     probe = ProbeConfig(interval=0.5, timeout=0.4, jitter=0.1, max_connections=4)
@@ -361,7 +374,10 @@ async def test_the_pool_stays_bounded_and_everyone_is_probed(raw_server):
         {f"m{i}": f"{url}/m{i}" for i in range(20)}, probe,
         lambda r: all(len(v) >= 3 for v in r.values()),
     )
-    assert raw.most_open <= 4, raw
+    assert CountingPool.most == 4
+    # the server may accept the next connection before it reads the close of the one that
+    # made room for it: one more, for an instant, on its side
+    assert raw.most_open <= 5, raw
     ok = [o for v in results.values() for o in v if o.result is Result.SUCCESS]
     assert len(ok) >= 0.9 * sum(len(v) for v in results.values()), results
     assert prober.connections == 0  # stop() closed them
