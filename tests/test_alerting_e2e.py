@@ -27,8 +27,9 @@ from exporter.rules import RUNBOOK_URL, render
 from tests.monitoring import (
     ALERTMANAGER_YML,
     PROMETHEUS_YML,
-    Addresses,
     Monitoring,
+    fast_alertmanager,
+    fast_prometheus,
     running,
     yaml_changes,
 )
@@ -158,33 +159,12 @@ async def _run(http: aiohttp.ClientSession, tmp: Path, stack: Stack, prometheus:
                      if r.get("alert") == "HAMasterDown")
     assert down_rule["for"] == EXPECTED_DOWN_FOR
 
-    exporter = stack.base.removeprefix("http://")
-
-    def prom_subs(addr: Addresses) -> dict[str, str]:
-        return {
-            "scrape_interval: 15s": "scrape_interval: 1s",
-            "evaluation_interval: 15s": "evaluation_interval: 1s",
-            "scrape_interval: 5s": "scrape_interval: 1s",
-            "../../alert_rules/*.yml": f"{rules_dir}/*.yml",
-            "127.0.0.1:9108": exporter,
-            "127.0.0.1:9093": addr["alertmanager"],
-            "127.0.0.1:9090": addr["prometheus"],
-        }
-
-    # The shipped waits (5s, 30s for info, group_interval 30s) would make this test a minute
-    # long; they are timing, not routing, and only they are shortened.
-    def am_subs(addr: Addresses) -> dict[str, str]:
-        return {
-            "127.0.0.1:9099": addr["receiver"],
-            "group_wait: 5s": "group_wait: 1s",
-            "group_wait: 30s": "group_wait: 1s",
-            "group_interval: 30s": "group_interval: 1s",
-        }
-
     # every process's log (masters, exporter, receiver, Alertmanager, Prometheus) is in tmp:
     # a failure prints their tails (tests/conftest.py)
-    async with running(http, tmp, prometheus, alertmanager, prom_subs, am_subs) as mon:
-        await _scenario(http, stack, mon, exporter, rules_dir, mon.addresses)
+    async with running(http, tmp, prometheus, alertmanager,
+                       fast_prometheus(stack.base, rules_dir), fast_alertmanager) as mon:
+        await _scenario(http, stack, mon, stack.base.removeprefix("http://"), rules_dir,
+                        mon.addresses)
 
 
 async def _scenario(http: aiohttp.ClientSession, stack: Stack, mon: Monitoring, exporter: str,

@@ -24,7 +24,7 @@ import yaml
 
 from exporter.config import load_config
 from exporter.rules import RUNBOOK_URL, render
-from tests.monitoring import Addresses, Monitoring, running
+from tests.monitoring import Monitoring, fast_alertmanager, fast_prometheus, running
 from tests.processes import Stack, StartStack
 from tests.support import get_json, wait_for
 from tests.tools import ROOT, require_binary, substitute
@@ -52,32 +52,6 @@ DUTY_PANELS: dict[str, float | dict[str, float]] = {
 }
 
 
-def prometheus_subs(stack: Stack, rules_dir: Path) -> Any:
-    exporter = stack.base.removeprefix("http://")
-
-    def subs(addr: Addresses) -> dict[str, str]:
-        return {
-            "scrape_interval: 15s": "scrape_interval: 1s",
-            "evaluation_interval: 15s": "evaluation_interval: 1s",
-            "scrape_interval: 5s": "scrape_interval: 1s",
-            "../../alert_rules/*.yml": f"{rules_dir}/*.yml",
-            "127.0.0.1:9108": exporter,
-            "127.0.0.1:9093": addr["alertmanager"],
-            "127.0.0.1:9090": addr["prometheus"],
-        }
-
-    return subs
-
-
-def alertmanager_subs(addr: Addresses) -> dict[str, str]:
-    return {
-        "127.0.0.1:9099": addr["receiver"],
-        "group_wait: 5s": "group_wait: 1s",
-        "group_wait: 30s": "group_wait: 1s",
-        "group_interval: 30s": "group_interval: 1s",
-    }
-
-
 async def test_unserved_and_split_duties_are_seen_and_page(
     tmp_path: Path, stack: StartStack
 ) -> None:
@@ -92,7 +66,7 @@ async def test_unserved_and_split_duties_are_seen_and_page(
     assert holds == {"HADutyUnserved": EXPECTED_FOR, "HADutyMultipleHolders": EXPECTED_FOR}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
         async with running(http, tmp_path, prometheus, alertmanager,
-                           prometheus_subs(fleet, rules_dir), alertmanager_subs) as mon:
+                           fast_prometheus(fleet.base, rules_dir), fast_alertmanager) as mon:
             await _scenario(http, fleet, mon)
 
 
