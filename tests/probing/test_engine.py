@@ -24,7 +24,7 @@ from exporter.probing import engine as engine_module
 from exporter.probing import prober as prober_module
 from exporter.probing.prober import TICK, Prober, new_session, probe_once, probe_url
 from tests.probing.hostile import counting_app, gzip_bomb, hostile_app
-from tests.probing.test_hostile import PEAK_LIMIT, padded
+from tests.probing.test_hostile import PEAK_LIMIT, sized_app
 from tests.probing.test_prober import misbehaving_master
 from tests.support import closed_port, serve_app, wait_for
 
@@ -142,19 +142,7 @@ async def test_declared_length_over_the_cap_alike():
 async def test_the_cap_is_exact_alike(chunked):
     cap = 1024
 
-    async def health(request: web.Request) -> web.StreamResponse:
-        body = padded(int(request.query["size"]))
-        if not chunked:
-            return web.Response(body=body, content_type="application/json")
-        resp = web.StreamResponse()
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        for i in range(0, len(body), 100):
-            await resp.write(body[i : i + 100])
-        return resp
-
-    app = web.Application()
-    app.router.add_get("/health", health)
+    app = sized_app(chunked)
     probe = HOSTILE_PROBE.model_copy(update={"max_body_bytes": cap})
     async with serve_app(app) as url:
         for size in (cap, cap + 1):

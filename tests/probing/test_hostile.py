@@ -154,9 +154,9 @@ def padded(size: int) -> bytes:
     return head + b"x" * (size - len(head) - len(tail)) + tail
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-async def test_the_cap_is_exact(chunked):
-    cap = 1024
+def sized_app(chunked: bool) -> web.Application:
+    """GET /health?size=N answers a valid body of exactly N bytes, with a Content-Length or
+    in 100-byte chunks."""
 
     async def health(request: web.Request) -> web.StreamResponse:
         body = padded(int(request.query["size"]))
@@ -171,6 +171,14 @@ async def test_the_cap_is_exact(chunked):
 
     app = web.Application()
     app.router.add_get("/health", health)
+    return app
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_the_cap_is_exact(chunked):
+    cap = 1024
+
+    app = sized_app(chunked)
     probe = PROBE.model_copy(update={"max_body_bytes": cap})
     async with serve_app(app) as url, new_session(probe) as session:
         at_cap = await probe_once(session, f"{url}/health?size={cap}", probe)
