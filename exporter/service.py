@@ -87,6 +87,14 @@ class Service:
             "ha_state_store_errors_total", lambda: getattr(self.store, "errors", None)
         )
         m.add_owned_counter("ha_master_checkpoint_failures_total", self._checkpoint_failures)
+        m.add_owned_counter(  # FailoverStats.refusals; none before the manager exists
+            "ha_failover_refusals_total",
+            lambda: self.failover.stats.refusals if self.failover is not None else None,
+        )
+        m.add_owned_counter(  # Notifier.failures, by kind; none before the manager exists
+            "ha_notification_failures_total",
+            lambda: self.failover.notifier.failures if self.failover is not None else None,
+        )
         m.add_probe_engine(lambda: self.prober)
         m.load_distribution_quality.set_function(self.router.distribution_quality)
         m.failover_in_progress.set_function(

@@ -34,9 +34,11 @@ from exporter.metrics import (
 from exporter.metrics import registry as registry_module
 from exporter.routing.router import Router
 from exporter.service import Service
+from exporter.sim import SimulatedMaster
+from exporter.sim import create_app as master_app
 from exporter.web.app import create_app
 from exporter.web.server import running
-from tests.support import serve_app, wait_for
+from tests.support import closed_port, serve_app, wait_for
 from tests.tools import require_binary
 
 PER_MASTER = {
@@ -66,7 +68,8 @@ FLEET_LEVEL = {
     "ha_failover_in_progress",
     "ha_load_distribution_quality",
 }
-DECLARED = {"ha_route_decisions", "ha_failovers", "ha_failover_duration_seconds", "ha_rebalances"}
+DECLARED = {"ha_route_decisions", "ha_failovers", "ha_failover_duration_seconds", "ha_rebalances",
+            "ha_failover_refusals", "ha_notification_failures"}
 WEIRD = 'we"ird\\name'
 #: The master behind each path of health_app: the two active ones serve their own duty.
 NAMES = {"alpha": "alpha", "weird": WEIRD, "dead": "dead"}
@@ -459,6 +462,69 @@ async def test_store_errors_and_checkpoint_failures_are_counters(tmp_path, monke
     assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
 
 
+async def test_a_refusal_and_a_failed_notification_are_counted_on_metrics(tmp_path):
+    """Driven for real: master-a is down from the start, so neither it nor any checkpoint has
+    its state, and failover.require_state (the default) refuses to activate a backup without
+    it. A refused move ran, so it is notified, and both receivers listen on closed ports."""
+    sims = [SimulatedMaster("master-a", "uae"), SimulatedMaster("master-b", "usa"),
+            SimulatedMaster("master-c", "uae", "standby")]
+    sims[0].mode = "down"  # /health says down, every other call answers 503
+    async with serve_app(master_app(sims[0])) as ua, serve_app(master_app(sims[1])) as ub, \
+            serve_app(master_app(sims[2])) as uc, aiohttp.ClientSession() as http:
+        cfg = parse_config({
+            "state_path": str(tmp_path / "state.db"),
+            "probe": {"interval": "200ms", "timeout": "150ms", "failure_threshold": 2},
+            "masters": [
+                {"name": "master-a", "url": ua, "region": "uae", "priority": 1},
+                {"name": "master-b", "url": ub, "region": "usa", "priority": 2},
+                {"name": "master-c", "url": uc, "region": "uae", "role": "standby",
+                 "priority": 3},
+            ],
+            # a long cooldown: the refused move is not retried within the test
+            "failover": {"enabled": True, "cooldown": "10m", "checkpoint_interval": "500ms",
+                         "post_hook": {"url": f"http://127.0.0.1:{closed_port()}/hook"}},
+            "alertmanager": {"url": f"http://127.0.0.1:{closed_port()}"},
+        })
+        assert cfg.failover.require_state
+        svc = Service(cfg, token="t")
+        async with running(svc, "127.0.0.1", 0) as server:
+            base = f"http://127.0.0.1:{server.port}"
+
+            async def scrape() -> str:
+                async with http.get(f"{base}/metrics") as r:
+                    return await r.text()
+
+            before = await scrape()  # the manager exists: both families, no sample yet
+            for name in ("ha_failover_refusals_total", "ha_notification_failures_total"):
+                assert f"# TYPE {name} counter" in before and f"{name}{{" not in before
+            fo = svc.failover
+            assert fo is not None
+            await wait_for(lambda: fo.stats.refusals, 10, "the failover of master-a refused")
+            await wait_for(lambda: len(fo.notifier.failures) == 2, 10,
+                           "both notifications of the refused move to fail")
+            text = await scrape()
+            [record] = svc.store.list_failovers(limit=5, brief=True)
+    assert (record["master"], record["result"]) == ("master-a", "failed")
+    assert "refused by failover.require_state" in record["reason"]
+    assert not sims[2].active  # nobody was activated without the state
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    refusals = families["ha_failover_refusals"]
+    assert refusals.type == "counter"
+    assert [(s.name, s.labels, s.value) for s in refusals.samples] == [
+        ("ha_failover_refusals_total", {"master": "master-a", "rule": "require_state"}, 1)]
+    notifications = families["ha_notification_failures"]
+    assert notifications.type == "counter"
+    assert {s.labels["kind"]: s.value for s in notifications.samples} == {
+        "post_hook": 1, "alertmanager": 1}
+    assert ('ha_failovers_total{master="master-a",result="failed",state_source="none"} 1.0'
+            in text)  # the refusal is a failed move that carried no state
+    promtool = require_binary("promtool")
+    res = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
+
+
 def test_a_counter_whose_owner_keeps_no_counts_is_not_rendered(tmp_path):
     svc = duty_service(tmp_path)
     try:
@@ -467,8 +533,10 @@ def test_a_counter_whose_owner_keeps_no_counts_is_not_rendered(tmp_path):
         text = svc.metrics.render(None)[0].decode()
         assert "ha_test_absent" not in text
         assert "# TYPE ha_test_empty_total counter" in text  # declared, no sample yet
-        # before the failover manager exists there is nothing to read checkpoints from
-        assert "ha_master_checkpoint_failures_total{" not in text
+        # before the failover manager exists there is nothing to read its counts from
+        for name in ("ha_master_checkpoint_failures", "ha_failover_refusals",
+                     "ha_notification_failures"):
+            assert f"# TYPE {name}_total" not in text, name
     finally:
         svc.store.close()
 

@@ -33,7 +33,7 @@ RERENDER = "ha-exporter render --config examples/ha-exporter.yml --out alert_rul
 FLEET_ALERTS = {
     "HANoHealthyBackup", "HANoMasterAvailable", "HAFailoverStuck", "HALoadImbalance",
     "HAExporterDown", "HAExporterAbsent", "HAConfigReloadFailed", "HAStateStoreFailing",
-    "HAProbeEngineBehind",
+    "HAProbeEngineBehind", "HANotificationsFailing",
 }
 DUTY_ALERTS = {"HADutyUnserved", "HADutyMultipleHolders"}
 
@@ -143,6 +143,28 @@ def test_duty_alerts_hold_with_several_exporter_replicas(example: Config) -> Non
         assert "$labels.instance" not in str(rule["annotations"])
 
 
+#: Failover events counted over every replica: one alert per master (or kind), never per replica.
+REPLICATED_EVENTS = {
+    "HAFailoverStateLost": "max by (job, master) (",
+    "HAFailoverRefused": "max by (job, master, rule) (",
+    "HANotificationsFailing": "max by (job, kind) (",
+}
+
+
+def test_state_and_notification_alerts_hold_with_several_exporter_replicas() -> None:
+    """Max over replicas, never sum, and no instance: a move (or a failed notification) seen
+    on two replicas is one alert; both branches (increase, and a series born at 1) are kept."""
+    rules = {r["alert"]: r for r in _alerts() if r["alert"] in REPLICATED_EVENTS}
+    assert set(rules) == set(REPLICATED_EVENTS)
+    for name, head in REPLICATED_EVENTS.items():
+        expr = rules[name]["expr"]
+        assert expr.startswith(head), name
+        assert "sum" not in expr and "instance" not in expr, name
+        assert "increase(" in expr and "unless" in expr and "offset 15m" in expr, name
+        assert "$labels.instance" not in str(rules[name]["annotations"]), name
+    assert 'result="success", state_source="none"' in rules["HAFailoverStateLost"]["expr"]
+
+
 # --- conventions ------------------------------------------------------------------------------
 
 def test_alerts_follow_the_mixin_conventions() -> None:
@@ -176,6 +198,9 @@ def test_required_alerts_exist_with_the_intended_severity() -> None:
         "HANoMasterAvailable": {"critical"},
         "HAFailoverExecuted": {"info"},
         "HAFailoverFailed": {"critical"},
+        "HAFailoverStateLost": {"critical"},
+        "HAFailoverRefused": {"warning"},
+        "HANotificationsFailing": {"warning"},
         "HAFailoverStuck": {"critical"},
         "HALoadImbalance": {"warning"},
         "HAExporterDown": {"critical"},

@@ -62,6 +62,16 @@ OWNED_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "State checkpoints of a master that could not be taken, by reason.",
         ("master", "reason"),
     ),
+    "ha_failover_refusals_total": (
+        "Failovers away from a master refused for want of state, by the rule that refused "
+        "them (require_state, max_checkpoint_age).",
+        ("master", "rule"),
+    ),
+    "ha_notification_failures_total": (
+        "Notifications of finished moves that could not be delivered, by kind (post_hook, "
+        "alertmanager).",
+        ("kind",),
+    ),
 }
 
 #: A streamed scrape hands the event loop back at the first piece boundary after this long
