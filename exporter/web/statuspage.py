@@ -1,5 +1,8 @@
 """GET /: the status page for people: masters, duties, recent failovers, what is firing.
 
+Each recent failover shows the state its backup got (``live``, ``checkpoint``, or ``none``
+when it moved none, marked as a warning), as the move's ``fetch`` step recorded it.
+
 The Duties section puts, for every duty, the masters that report serving it (their own
 /health) next to the holder the exporter believes in (the duty table), with a red UNSERVED or
 SPLIT mark: a fleet of green masters that serves nothing must not look healthy.
@@ -27,6 +30,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 from exporter import __version__
+from exporter.failover import EXECUTED
 from exporter.metrics import DutyStatus
 from exporter.service import Service
 from exporter.web.headers import page_csp
@@ -86,6 +90,45 @@ async def firing_alerts(service: Service) -> tuple[list[dict[str, str]], str | N
     return sorted(alerts, key=lambda a: (a["severity"] != "critical", a["name"])), None
 
 
+def _fetch_source(steps: object, step: str, status: str | None) -> str | None:
+    """The ``source`` of the first entry of ``steps`` that is ``step`` (with ``status``)."""
+    for entry in steps if isinstance(steps, list) else ():
+        if not isinstance(entry, dict) or entry.get("step") != step:
+            continue
+        if status is not None and entry.get("status") != status:
+            continue
+        detail = entry.get("detail")
+        source = detail.get("source") if isinstance(detail, dict) else None
+        return source if isinstance(source, str) else None
+    return None
+
+
+def state_source(service: Service, record: dict[str, Any]) -> str | None:
+    """Where the state of a move came from (live, checkpoint, none), as the ``fetch`` step of
+    its record says; None for a move that never got that far (not executed, or failed before
+    a state was looked for).
+
+    The page's records are brief: no steps and no candidates, which at a thousand masters are
+    ~150 kB a record. So the move's journal is read first (one indexed read; its ``fetch
+    done`` entry carries the same source), and only a move with no journal here (a cluster
+    replica that imported it from the leader) is read whole."""
+    if record.get("result") not in EXECUTED:
+        return None
+    fid = record["id"]
+    source = _fetch_source(service.store.journal_entries(fid), "fetch", "done")
+    if source is None:
+        whole = service.store.get_failover(fid)
+        source = _fetch_source(whole.get("steps") if whole else None, "fetch", None)
+    return source
+
+
+def failover_rows(service: Service, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` failovers, each with its start time in UTC (``when``) and where
+    its state came from (``state_source``)."""
+    return [dict(f, when=_utc(f.get("started")), state_source=state_source(service, f))
+            for f in service.recent_failovers(limit)]
+
+
 def duty_rows(service: Service, status: DutyStatus) -> list[dict[str, Any]]:
     """One row per duty: its state, who reports serving it, whom the exporter believes holds
     it, and whether the masters agree (the believed holder is the one and only reporter)."""
@@ -113,7 +156,7 @@ async def status_page(request: web.Request) -> web.Response:
         masters.append(m)
     status = service.duty_status()
     duties = duty_rows(service, status)
-    failovers = [dict(f, when=_utc(f.get("started"))) for f in service.recent_failovers(10)]
+    failovers = failover_rows(service, 10)
     alerts, alerts_error = await firing_alerts(service)
     html = _env.get_template("status.html").render(
         masters=masters,

@@ -14,6 +14,7 @@ import base64
 import itertools
 import json
 import os
+import re
 import signal
 import struct
 import time
@@ -380,6 +381,11 @@ async def test_status_page_in_chromium_escaped_failovers_alerts_phone_and_deskto
     assert phone["columns"]["failovers"][1:4] == ["from", "to", "result"]
     assert len(desktop["columns"]["masters"]) == 9, "desktop shows every column"
     assert desktop["innerWidth"] == DESKTOP[0] and desktop["clipped"] == []
+    # where the failover's state came from: master-a was down (its /state too), so from its
+    # checkpoint; a desktop column, left out on a phone like trigger and duration
+    assert desktop["columns"]["failovers"][4] == "state"
+    assert desktop["failovers"][0][4] == "checkpoint"
+    assert "state" not in phone["columns"]["failovers"]
     for label, (width, height) in (("phone", PHONE), ("desktop", DESKTOP)):
         png = ARTIFACTS / f"status-{label}.png"
         assert png_size(png) == (width, height), f"{png} has the wrong size"
@@ -417,6 +423,89 @@ async def test_status_page_renders_whatever_alertmanager_does(tmp_path, alertman
     else:
         assert message.format(url=am) in alerts_section
     assert (alertmanager == "dead port") != bool(queries)
+
+
+def failover_rows(html: str) -> list[tuple[str, list[str], str]]:
+    """(data-state-source, the cells' text, the State cell's markup) of each row of the
+    server-rendered Recent failovers table, newest first."""
+    table = html.split('<table id="failovers">', 1)[1].split("</table>", 1)[0]
+    rows = []
+    for source, body in re.findall(r'<tr data-failover="\d+" data-state-source="([^"]*)">'
+                                   r"(.*?)</tr>", table, re.S):
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", body, re.S)
+        rows.append((source, [re.sub(r"<[^>]+>", "", c).strip() for c in cells], cells[4]))
+    return rows
+
+
+async def test_status_page_shows_where_each_failovers_state_came_from(tmp_path):
+    """master-a is down from the start, so neither it nor any checkpoint has its state, and
+    failover.require_state is off: its failover succeeds with no state, shown as "none" (a
+    warning). Then master-b, serving, is switched over by hand: its state moves live."""
+    sims = {"master-a": SimulatedMaster("master-a", "uae"),
+            "master-b": SimulatedMaster("master-b", "usa"),
+            "master-c": SimulatedMaster("master-c", "uae", "standby"),
+            "master-d": SimulatedMaster("master-d", "usa", "standby")}
+    sims["master-a"].mode = "down"  # /health says down, every other call answers 503
+    async with serve_app(create_app(sims["master-a"])) as ua, \
+            serve_app(create_app(sims["master-b"])) as ub, \
+            serve_app(create_app(sims["master-c"])) as uc, \
+            serve_app(create_app(sims["master-d"])) as ud, \
+            aiohttp.ClientSession() as http:
+        cfg = parse_config({
+            "state_path": str(tmp_path / "state.db"),
+            "probe": {"interval": "200ms", "timeout": "150ms", "failure_threshold": 2},
+            "masters": [
+                {"name": "master-a", "url": ua, "region": "uae", "priority": 1},
+                {"name": "master-b", "url": ub, "region": "usa", "priority": 2},
+                {"name": "master-c", "url": uc, "region": "uae", "role": "standby",
+                 "priority": 3},
+                {"name": "master-d", "url": ud, "region": "usa", "role": "standby",
+                 "priority": 4},
+            ],
+            "failover": {"enabled": True, "require_state": False,
+                         "checkpoint_interval": "500ms"},
+        })
+        svc = Service(cfg, token="t")
+        async with running(svc, "127.0.0.1", 0) as server:
+            base = f"http://127.0.0.1:{server.port}"
+            await wait_for(lambda: [f["result"] for f in svc.recent_failovers(5)] == ["success"],
+                           10, "the stateless failover of master-a")
+            async with http.post(f"{base}/api/v1/failover", json={"from": "master-b"},
+                                 headers={"Authorization": "Bearer t"}) as r:
+                switchover = await r.json()
+                assert r.status == 200, switchover
+            moves = svc.store.list_failovers(limit=5)  # full records: the fetch step's source
+            # Moves recorded with no journal here, as a cluster replica imports the leader's:
+            # the source is read from the record's own fetch step; one that is markup is text.
+            for source in ("checkpoint", EVIL):
+                fetch = {"step": "fetch", "status": "ok", "backup": None, "duration": 0.01,
+                         "detail": {"from": "master-b", "source": source}}
+                svc.store.record_failover("master-b", "failed", "manual", "imported",
+                                          time.time(), steps=[fetch])
+            async with http.get(f"{base}/") as r:
+                assert r.status == 200
+                html = await r.text()
+    recorded = [(m["master"], m["backup"], m["result"],
+                 next(s for s in m["steps"] if s["step"] == "fetch")["detail"]["source"])
+                for m in moves]
+    assert recorded == [("master-b", "master-d", "success", "live"),
+                        ("master-a", "master-c", "success", "none")]
+    assert switchover["id"] == moves[0]["id"]
+    assert ('title="where the state the backup got came from: live, checkpoint, or none (no state '
+            'moved)">State</th>') in html
+    rows = failover_rows(html)
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert [(source, cells[1:5]) for source, cells, _ in rows] == [
+        (escaped, ["master-b", "\N{EN DASH}", "failed", escaped]),  # no backup
+        ("checkpoint", ["master-b", "\N{EN DASH}", "failed", "checkpoint"]),
+        ("live", ["master-b", "master-d", "success", "live"]),
+        ("none", ["master-a", "master-c", "success", "none"]),
+    ]
+    assert rows[0][2] == escaped and EVIL not in html  # no class, no markup
+    assert rows[1][2] == '<span class="state source-checkpoint">checkpoint</span>'
+    assert rows[2][2] == '<span class="state source-live">live</span>'
+    assert rows[3][2] == '<span class="state source-none">none</span>'  # styled as a warning
+    assert ".source-none { color: var(--warn);" in html
 
 
 def test_missing_chromium_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path):
