@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs on a fresh Debian machine (root) and runs it.
 # Real components come from Debian's packages: Prometheus + promtool, Alertmanager + amtool,
-# Chromium (status page), blackbox_exporter, wrk, nginx-light and HAProxy (benchmarks).
+# Chromium (status page), blackbox_exporter, etcd-server (cluster mode), wrk, nginx-light and
+# HAProxy (benchmarks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ command -v promtool >/dev/null || need+=(prometheus)
 command -v amtool >/dev/null || need+=(prometheus-alertmanager)
 command -v chromium >/dev/null || need+=(chromium)
 command -v prometheus-blackbox-exporter >/dev/null || need+=(prometheus-blackbox-exporter)
+command -v etcd >/dev/null || need+=(etcd-server)
 command -v wrk >/dev/null || need+=(wrk)
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v haproxy >/dev/null || need+=(haproxy)
@@ -19,7 +21,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 # Debian starts these as services on install; the tests run their own on free ports.
-for svc in prometheus prometheus-alertmanager prometheus-node-exporter prometheus-blackbox-exporter; do
+for svc in prometheus prometheus-alertmanager prometheus-node-exporter prometheus-blackbox-exporter etcd; do
   if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
     systemctl stop "$svc" || true
   fi

@@ -31,6 +31,7 @@ PACKAGES = {
     "amtool": "prometheus-alertmanager",
     "alertmanager": "prometheus-alertmanager",
     "prometheus-alertmanager": "prometheus-alertmanager",
+    "etcd": "etcd-server",
 }
 
 #: Values for Grafana's variables when a dashboard query is run outside Grafana.
