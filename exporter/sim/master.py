@@ -130,6 +130,11 @@ def create_app(master: SimulatedMaster) -> web.Application:
             await master.hang()
             if master.stopping:
                 raise Reject(503, "shutting down")
+        if request.path == "/health":
+            observer = request.headers.get("X-HA-Observer")
+            master.count_probe(observer)
+            if observer in master.refused_observers:
+                raise Reject(503, "refusing this observer's probes (chaos)")
         mode = master.mode
         if mode == "slow":
             await asyncio.sleep(master.delay)
@@ -207,12 +212,16 @@ def create_app(master: SimulatedMaster) -> web.Application:
         body = await _json_body(request)
         try:
             out = master.set_chaos(
-                body.get("mode"), body.get("delay_seconds"), body.get("queue_length")
+                body.get("mode"), body.get("delay_seconds"), body.get("queue_length"),
+                body.get("refuse_observers"),
             )
         except ValueError as exc:
             raise Reject(400, str(exc)) from None
         log.warning("%s chaos: %s", master.name, out)
         return web.json_response(out)
+
+    async def get_chaos(_: web.Request) -> web.Response:
+        return web.json_response(master.chaos_state())
 
     async def clock(_: web.Application) -> AsyncIterator[None]:
         master.stopping = False
@@ -237,6 +246,7 @@ def create_app(master: SimulatedMaster) -> web.Application:
     app.router.add_post("/messages", post_message)
     app.router.add_get("/messages", get_messages)
     app.router.add_post("/chaos", post_chaos)
+    app.router.add_get("/chaos", get_chaos)
     return app
 
 

@@ -104,6 +104,11 @@ class SimulatedMaster:
         self.degraded_queue = degraded_queue
         self.mode = "ok"
         self.delay = 1.0
+        self.refused_observers: frozenset[str] = frozenset()  # set by chaos
+        self.probes_by_observer: dict[str, int] = {}  # /health asked, by X-HA-Observer
+        self.activations = 0  # duties taken on by /activate (an idempotent repeat is not one)
+        self.activate_calls = 0
+        self.stale_refused = 0  # control calls refused for a lower epoch
         self.backlog = 0  # injected by chaos: stays until cleared, like a stuck consumer
         self.stopping = False  # set on shutdown: hung requests let go
         self.pending: list[dict[str, Any]] = []
@@ -197,6 +202,7 @@ class SimulatedMaster:
         """Refuse a control call from a controller older than one already obeyed (409); a
         call without an epoch comes from a controller that predates epochs and is let in."""
         if epoch is not None and self.epoch is not None and epoch < self.epoch:
+            self.stale_refused += 1
             raise Reject(409, "stale epoch", {"epoch": self.epoch})
 
     def obey(self, epoch: int | None) -> None:
@@ -298,8 +304,10 @@ class SimulatedMaster:
         """Serve, holding ``taken_over``'s duty (or, with none, its own)."""
         duty = taken_over or self.name
         self.active = True
+        self.activate_calls += 1
         if duty not in self.duties:
             self.duties.append(duty)
+            self.activations += 1
         return {"active": True, "duties": list(self.duties)}
 
     def deactivate(self, taken_over: str | None = None) -> dict[str, Any]:
@@ -315,9 +323,18 @@ class SimulatedMaster:
         return {"active": self.active, "duties": list(self.duties)}
 
     def set_chaos(
-        self, mode: str | None, delay_seconds: Any = None, queue_length: Any = None
+        self, mode: str | None, delay_seconds: Any = None, queue_length: Any = None,
+        refuse_observers: Any = None,
     ) -> dict[str, Any]:
-        """Validate everything before changing anything: a bad call leaves the mode as is."""
+        """Validate everything before changing anything: a bad call leaves the mode as is.
+        ``refuse_observers``: names of exporter replicas (their ``X-HA-Observer`` probe
+        header) whose probes of /health get 503, as if only they were cut off."""
+        if refuse_observers is not None and (
+            not isinstance(refuse_observers, list)
+            or len(refuse_observers) > 64
+            or not all(isinstance(o, str) and 0 < len(o) <= 200 for o in refuse_observers)
+        ):
+            raise ValueError("refuse_observers must be a list of up to 64 observer names")
         if mode is not None and mode not in CHAOS_MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(CHAOS_MODES)}")
         number = int | float
@@ -336,7 +353,26 @@ class SimulatedMaster:
             self.delay = 1.0 if delay_seconds is None else float(delay_seconds)
         if queue_length is not None:
             self.backlog = queue_length
+        if refuse_observers is not None:
+            self.refused_observers = frozenset(refuse_observers)
         return {"mode": self.mode, "delay_seconds": self.delay, "queue_length": self.queue_length}
+
+    def count_probe(self, observer: str | None) -> None:
+        """One /health request, counted by the replica that sent it (at most 64 names kept,
+        then "(other)"), so tests can see which replicas probe this master."""
+        name = observer or "(none)"
+        counts = self.probes_by_observer
+        if name not in counts and len(counts) >= 64:
+            name = "(other)"
+        counts[name] = counts.get(name, 0) + 1
+
+    def chaos_state(self) -> dict[str, Any]:
+        """``GET /chaos``: the knobs as set, and what tests count on the master's side."""
+        return {"mode": self.mode, "delay_seconds": self.delay, "queue_length": self.queue_length,
+                "refuse_observers": sorted(self.refused_observers),
+                "probes_by_observer": dict(self.probes_by_observer),
+                "activations": self.activations, "activate_calls": self.activate_calls,
+                "stale_refused": self.stale_refused, "epoch": self.epoch}
 
     async def hang(self) -> None:
         """Hold a request like a frozen process: until healed, shut down, or an hour."""
