@@ -416,6 +416,52 @@ class ApiConfig(_Strict):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1024 * 1024)
 
 
+def _check_endpoint(value: str) -> str:
+    """An etcd endpoint: an http(s) URL, or ``unix:///absolute/path`` of etcd's socket."""
+    if value.startswith("unix://"):
+        path = value[len("unix://"):]
+        if not path.startswith("/") or len(path.encode()) > 107:
+            raise ValueError(f"{_shown(value)}: a unix endpoint is unix:///absolute/path "
+                             "(at most 107 bytes)")
+        return value
+    return _check_url(value)
+
+
+_PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
+
+
+def _check_prefix(value: str) -> str:
+    if not _PREFIX_RE.match(value) or len(value) > 200:
+        raise ValueError(f"{_shown(value)} is not a key prefix like /ha-exporter/prod "
+                         "(slash-separated letters, digits, '.', '_', '-')")
+    return value
+
+
+class EtcdConfig(_Strict):
+    endpoints: list[Annotated[str, AfterValidator(_check_endpoint)]] = Field(
+        min_length=1, max_length=16)
+    prefix: Annotated[str, AfterValidator(_check_prefix)] = "/ha-exporter"
+    timeout: StepDuration = 2.0
+
+
+class ClusterConfig(_Strict):
+    """Several replicas on etcd: one leader acts, every member probes its share."""
+
+    etcd: EtcdConfig
+    member: Label | None = None  # unique per replica; None: host:port of the listener
+    url: HttpUrl | None = None  # where the other replicas reach this one's API; None: listener
+    lease_ttl: Annotated[float, _duration(2.0)] = 10.0
+    observers: int = Field(default=2, ge=1, le=15)
+    quorum: int = Field(default=2, ge=1, le=15)
+
+    @model_validator(mode="after")
+    def _quorum_within_observers(self) -> ClusterConfig:
+        if self.quorum > self.observers:
+            raise ValueError(f"quorum: {self.quorum} is more than observers ({self.observers});"
+                             " a master could never be failed")
+        return self
+
+
 def _url_identity(url: str) -> str:
     """What makes two master URLs the same server: scheme, host in any case, port (written or
     the default one), path and query."""
@@ -435,6 +481,7 @@ class Config(_Strict):
     thresholds: ThresholdsConfig = ThresholdsConfig()
     alertmanager: AlertmanagerConfig | None = None
     api: ApiConfig = ApiConfig()
+    cluster: ClusterConfig | None = None  # None: a single node on its SQLite file
 
     @model_validator(mode="after")
     def _unique_masters(self) -> Config:

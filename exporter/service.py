@@ -17,6 +17,9 @@ from pathlib import Path
 
 import aiohttp
 
+from exporter.cluster.facts import Owners
+from exporter.cluster.node import ClusterNode
+from exporter.cluster.replicated import ReplicatedStore
 from exporter.config import Config, ConfigError, load_config, read_token
 from exporter.failover import DutyTable, FailoverManager
 from exporter.fleet import (
@@ -36,6 +39,7 @@ from exporter.metrics import (
     duty_status,
     health_score,
 )
+from exporter.metrics.cluster import ClusterCollector
 from exporter.probing.prober import Prober, new_session
 from exporter.routing import Router
 from exporter.store import Store
@@ -60,7 +64,8 @@ class Service:
         self.started_at = time.time()
         self.bus = EventBus()
         self.fleet = Fleet(config.masters, config.probe, config.failover.max_recovery_attempts)
-        self.store = Store(config.state_path)
+        self.store = (ReplicatedStore(config.state_path) if config.cluster is not None
+                      else Store(config.state_path))
         self.duties = DutyTable(config.masters, self.store, self.bus.publish)
         self.router = Router(config.balancing, config.masters)
         saved_strategy = self.store.flag("strategy")
@@ -68,6 +73,7 @@ class Service:
             self.router.set_strategy(saved_strategy)  # a run-time choice survives restarts
             log.info("routing strategy %s restored from the store", saved_strategy)
         self.failover: FailoverManager | None = None
+        self.cluster: ClusterNode | None = None  # set by join_cluster in cluster mode
         self.metrics = ExporterMetrics(
             FleetCollector(
                 fleet=lambda: self.fleet,
@@ -96,6 +102,8 @@ class Service:
             lambda: self.failover.notifier.failures if self.failover is not None else None,
         )
         m.add_probe_engine(lambda: self.prober)
+        m.add_collector(ClusterCollector(
+            lambda: self.cluster.figures() if self.cluster is not None else None), "cluster")
         m.load_distribution_quality.set_function(self.router.distribution_quality)
         m.failover_in_progress.set_function(
             lambda: self.failover.in_progress if self.failover else 0
@@ -217,13 +225,19 @@ class Service:
         while True:
             await asyncio.sleep(self.config.probe.interval)
             try:
-                self.rebalance()
+                if self.cluster is None or self.cluster.not_leading() is None:
+                    self.rebalance()
             except Exception:
                 log.exception("rebalance evaluation failed")
 
     # --- probe results -----------------------------------------------------------------
     def on_probe(self, rt: MasterRuntime, outcome: Outcome) -> None:
-        """One probe: folded into the record, then its consequences published."""
+        """One probe: folded into the record, then its consequences published. A cluster
+        member's probe is its own verdict; the record's health follows the quorum."""
+        if self.cluster is not None:
+            self.cluster.observing.observe(rt, outcome, self.config.probe,
+                                           self.config.failover.max_recovery_attempts)
+            return
         transition = rt.apply(outcome, time.time())
         if not rt.up:
             log.debug("probe of %s failed: %s", rt.name, rt.last_error)
@@ -243,6 +257,8 @@ class Service:
         or a second replica must not be routed to as if all were well)."""
         if not self.ready:
             return "first probe round not done yet"
+        if self.cluster is not None and (why := self.cluster.not_ready()) is not None:
+            return why
         failing = self.store.failing
         return f"state store failing: {failing}" if failing is not None else None
 
@@ -264,15 +280,51 @@ class Service:
         self.bus.subscribe(Transition, self.failover.on_transition)
         self.duties.restore()
         self.failover.restore()
-        await self.failover.start()  # completes or rolls back a failover a crash interrupted
+        # completes or rolls back a failover a crash interrupted; a cluster member leaves that
+        # to the leader, which adopts the move from etcd
+        await self.failover.start(recover=self.config.cluster is None)
         self.router.warm()
-        self.prober.start()
+        if self.config.cluster is None:
+            self.prober.start()
+        else:  # probes and acts once it is a member (join_cluster)
+            self.failover.leading = lambda: "not a cluster member yet"
         self._rebalance_task = asyncio.create_task(self._rebalance_loop(), name="rebalance")
         log.info("ha-exporter started with %d masters", len(self.fleet))
+
+    async def join_cluster(self, url: str) -> None:
+        """Cluster mode, once the API listens at ``url``: register, probe the shard, and
+        act when leading (see exporter.cluster)."""
+        cfg = self.config.cluster
+        if cfg is None or self.failover is None or self.prober is None:
+            return
+        assert isinstance(self.store, ReplicatedStore)
+        member = cfg.member or url.split("://", 1)[-1]
+        owners = Owners(assignments=self.duties.reload, maintenance=self._take_maintenance,
+                        paused=self.failover.adopt_paused, strategy=self._take_strategy)
+        node = ClusterNode(cfg, member, cfg.url or url, self.fleet, self.store, owners,
+                           self.bus.publish)
+        node.attach(self.failover, self.prober)
+        self.prober.name_observer(member)
+        self.cluster = node
+        node.start()
+        self.prober.start()
+        log.info("cluster member %s at %s (etcd %s, prefix %s)", member, cfg.url or url,
+                 ", ".join(cfg.etcd.endpoints), cfg.etcd.prefix)
+
+    def _take_maintenance(self, master: str, on: bool) -> None:
+        rt = self.fleet.get(master)
+        if rt is not None and (t := rt.health.set_maintenance(on, time.time())) is not None:
+            self.bus.publish(t)
+
+    def _take_strategy(self, name: str | None) -> None:
+        self.router.set_strategy(name or self.config.balancing.strategy)
+        self.router.warm()
 
     async def stop(self) -> None:
         """Stop probing and rebalancing, let failovers finish or roll back, flush events.
         ``close`` releases the session and the store afterwards."""
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.prober is not None:
             await self.prober.stop()
         if self._rebalance_task is not None:

@@ -36,6 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("client",),  # routes from the routing table with routing's code; nothing else (see ONLY)
     ("failover",),
     ("conformance",),  # a client of masters: uses failover.protocol's checksum and parsing
+    ("cluster",),  # replicas on etcd: probing shards, quorum, the leader's facts
     ("metrics",),
     ("service",),
     ("web",),

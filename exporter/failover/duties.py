@@ -61,6 +61,12 @@ class DutyTable:
         """Publish the roles the stored assignments give, once every consumer is subscribed."""
         self._derive()
 
+    def reload(self) -> None:
+        """Re-read the assignments after the store was changed under the table (a cluster
+        member taking the leader's facts); changed roles are published."""
+        self._held = {d: a["backup"] for d, a in self._store.assignments().items()}
+        self._derive()
+
     def update_config(self, masters: Sequence[MasterConfig]) -> None:
         self._configured = {m.name: m.role for m in masters}
         self._derive()

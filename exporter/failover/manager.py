@@ -93,6 +93,8 @@ class FailoverManager:
         self._paused = store.paused()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
+        # None while this exporter may act; else why not (a cluster follower, a lost lease)
+        self.leading: Callable[[], str | None] = lambda: None
 
     def _settings(self) -> FailoverConfig:
         return self.config.failover
@@ -105,7 +107,22 @@ class FailoverManager:
     @property
     def automatic(self) -> bool:
         """Whether health events may start failovers now."""
-        return self.config.failover.enabled and not self._paused and not self._stopping
+        return (self.config.failover.enabled and not self._paused and not self._stopping
+                and self.leading() is None)
+
+    def take_over(self, epoch: int) -> None:
+        """A cluster member that just became leader: its fencing epoch, and the pause and
+        cooldowns of the facts it loaded from etcd into its store."""
+        self.client.epoch = epoch
+        self._paused = self.store.paused()
+        self.cooldowns = Cooldowns(self.store.last_failover_times(COOLDOWN_RESULTS),
+                                   self.store.last_failover_times(UNSUCCESSFUL))
+        log.info("fencing epoch %d (cluster leader)", epoch,
+                 extra={"event": "fencing_epoch", "epoch": epoch})
+
+    def adopt_paused(self, paused: bool) -> None:
+        """A follower learns the leader's pause switch (persisted by the caller)."""
+        self._paused = paused
 
     @property
     def in_progress(self) -> int:
@@ -140,9 +157,15 @@ class FailoverManager:
             if rt is not None:
                 self._publish(rt.health.set_maintenance(True, time.time()))
 
-    async def start(self) -> None:
-        """Recover an interrupted move, then checkpoint and reconcile every interval."""
-        await self.recover_journal()
+    async def start(self, recover: bool = True) -> None:
+        """Recover an interrupted move (or, ``recover`` off, close it untouched: a cluster
+        leader recovers it from etcd), then checkpoint and reconcile every interval."""
+        if recover:
+            await self.recover_journal()
+        else:
+            for row in self.store.unfinished_failovers():
+                self.ledger.close_unrecoverable(
+                    row, "left open by a crash; the cluster leader recovers it from etcd")
         self._loop_task = asyncio.create_task(self._periodic(), name="failover-periodic")
 
     async def recover_journal(self) -> list[dict[str, Any]]:
@@ -161,7 +184,7 @@ class FailoverManager:
                 if time.monotonic() >= next_checkpoint:
                     next_checkpoint = time.monotonic() + self.config.failover.checkpoint_interval
                     await self.checkpoint_round()
-                if self.reality.complete():
+                if self.reality.complete() and self.leading() is None:
                     await self.reconcile()
             except Exception:
                 log.exception("failover periodic round failed")
@@ -201,7 +224,7 @@ class FailoverManager:
         """EventBus subscriber: an active master entering failed starts a failover; a master
         returning to serving is kept standby, or gets its duty back with failback auto."""
         rt = self.fleet.get(t.master)
-        if rt is None or self._stopping:
+        if rt is None or self._stopping or self.leading() is not None:
             return
         if t.new is State.FAILED and t.old is not State.FAILED:
             if self.duties.role_of(rt.name) == "active":
@@ -213,6 +236,8 @@ class FailoverManager:
                             unserved: bool | None = None) -> dict[str, Any] | None:
         """The automatic path: honours enabled/pause, single flight and cooldowns (but no
         cooldown holds back a duty nobody serves; ``unserved``: already known)."""
+        if self.leading() is not None:
+            return None  # a cluster follower: the leader acts on the same verdicts
         if self.engine.is_running(master):
             log.info("failover of %s already running; %s ignored", master, reason,
                      extra={"event": "failover_duplicate", "master": master})

@@ -28,7 +28,7 @@ import dataclasses
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -222,6 +222,9 @@ class MasterClient:
         self.timeout = timeout
         self.epoch = epoch
         self.max_state_bytes = max_state_bytes
+        # awaited before every control call: None to go ahead, or why this controller may
+        # not act now (a cluster member that lost its lease); the call is then never made
+        self.fence: Callable[[], Awaitable[str | None]] | None = None
 
     async def _request(self, who: str, op: str, method: str, url: str, *, cap: int,
                        json_body: Any = None, data: bytes | None = None,
@@ -233,6 +236,10 @@ class MasterClient:
         headers: dict[str, str] = dict(REQUEST_HEADERS)
         if data is not None:
             headers[hdrs.CONTENT_TYPE] = "application/json"
+        if control and self.fence is not None:
+            why = await self.fence()
+            if why is not None:
+                raise StaleEpoch(who, op, f"not sent: {why}")
         if control and self.epoch is not None:
             headers[EPOCH_HEADER] = str(self.epoch)
         if if_none_match is not None:

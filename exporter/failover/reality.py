@@ -47,8 +47,9 @@ STARTUP_POLL = 0.1  # seconds between looks for the end of the first probe round
 
 
 def probes(rt: MasterRuntime) -> int:
-    """Probes of ``rt`` answered or failed so far."""
-    return sum(rt.result_counts)
+    """Probes of ``rt`` answered or failed so far (by this replica, or by the cluster
+    member whose view it took)."""
+    return sum(rt.result_counts) + rt.remote_views
 
 
 class ControlMarks:

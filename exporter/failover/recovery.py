@@ -97,6 +97,8 @@ class CrashRecovery:
         """Close every open move; one whose recovery crashes is closed as failed."""
         out = []
         for row in self.store.unfinished_failovers():
+            if self.engine.is_running(str(row["master"])):
+                continue  # still running here (a cluster leader that lost and regained the lead)
             try:
                 out.append(await self._recover(row))
             except Exception:

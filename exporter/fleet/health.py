@@ -98,6 +98,13 @@ class HealthMachine:
             self.recovery_attempts = 0
         return Transition(self.name, old, target, reason, now)
 
+    def assume(self, state: State, reason: str, now: float) -> Transition | None:
+        """Take a state decided elsewhere (a cluster's quorum of observers, each running a
+        machine of its own on its probes). Maintenance is a fact of its own and is kept."""
+        if self.state is State.MAINTENANCE or state is State.MAINTENANCE:
+            return None
+        return self._move(state, reason, now)
+
     def set_maintenance(self, on: bool, now: float) -> Transition | None:
         """Drain (on) or hand back to the probes (off: it must earn healthy again)."""
         if on:

@@ -53,6 +53,7 @@ class MasterRuntime:
         "memory_percent",
         "probe_sum",
         "queue_length",
+        "remote_views",
         "reported_active",
         "reported_duties",
         "result_counts",
@@ -81,6 +82,7 @@ class MasterRuntime:
         self.bucket_counts = [0] * (len(PROBE_BUCKETS) + 1)  # last slot is +Inf only
         self.probe_sum = 0.0
         self.result_counts = [0] * len(RESULTS)
+        self.remote_views = 0  # views taken from other cluster members (``adopt``)
 
     @property
     def name(self) -> str:
@@ -93,6 +95,13 @@ class MasterRuntime:
     def apply(self, outcome: Outcome, now: float) -> Transition | None:
         """Fold one probe into the record and the health machine; the transition it caused,
         if any, is for the caller to publish."""
+        ok, reason = self.record(outcome, now)
+        return self.health.observe(ok, outcome.degraded, reason, now)
+
+    def record(self, outcome: Outcome, now: float) -> tuple[bool, str]:
+        """Fold one probe into the figures only (a cluster member's health comes from its
+        observers' quorum); returns whether it succeeded and the reason for a health
+        machine."""
         self.last_probe_wall = now
         self.last_latency = outcome.latency
         self.record_latency(outcome.latency)
@@ -115,8 +124,14 @@ class MasterRuntime:
             # no answer is no evidence that it is (still) active or serving anything
             self.reported_active = None
             self.reported_duties = None
-        reason = str(outcome.result) + (f": {outcome.detail}" if outcome.detail else "")
-        return self.health.observe(ok, outcome.degraded, reason, now)
+        return ok, str(outcome.result) + (f": {outcome.detail}" if outcome.detail else "")
+
+    def adopt(self, up: bool, active: bool | None, duties: Sequence[str] | None) -> None:
+        """What another cluster member's probes say of a master this replica does not probe."""
+        self.remote_views += 1
+        self.up = up
+        self.reported_active = active
+        self.reported_duties = tuple(duties) if duties is not None else None
 
     def record_latency(self, seconds: float) -> None:
         self.probe_sum += seconds

@@ -178,6 +178,7 @@ class Engine:
         self.in_flight = 0
         self._dials: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.headers: tuple[str, ...] = ()  # extra request lines, for endpoints built later
 
     def update(self, probe: ProbeConfig) -> None:
         if probe.max_connections != self.probe.max_connections:
@@ -186,7 +187,7 @@ class Engine:
         self.probe = probe
 
     def slot(self, url: str, rt: MasterRuntime | None = None) -> Slot:
-        return Slot(self, Endpoint(url), rt)
+        return Slot(self, Endpoint(url, self.headers), rt)
 
     # --- a probe -----------------------------------------------------------------------------
     def begin(self, slot: Slot, now: float) -> None:

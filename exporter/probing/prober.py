@@ -25,6 +25,7 @@ import zlib
 from bisect import bisect_left
 from collections.abc import Callable
 from operator import attrgetter
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import hdrs
@@ -268,6 +269,7 @@ class Prober:
         self._previous_tick = 0.0
         self._handle: asyncio.Handle | None = None
         self._running = False
+        self.only: frozenset[str] | None = None  # a cluster member probes its shard only
 
     # --- the surface the service uses ------------------------------------------------------
     def start(self) -> None:
@@ -289,6 +291,20 @@ class Prober:
             self._schedule, self._next = [], 0
             self._round_at = _monotonic()
             self._rearm()
+
+    def retarget(self, names: frozenset[str] | None) -> None:
+        """Probe only ``names`` (None: the whole fleet) from the next round on."""
+        self.only = names
+
+    def name_observer(self, observer: str) -> None:
+        """Send ``X-HA-Observer`` (URL-quoted) with every probe from now on, so a master or
+        proxy can tell the replicas of a cluster apart; set before the first round."""
+        self._engine.headers = (f"X-HA-Observer: {quote(observer, safe='')}",)
+
+    @property
+    def probed(self) -> int:
+        """Masters with a probe slot now."""
+        return len(self._slots)
 
     async def stop(self) -> None:
         self._running = False
@@ -404,8 +420,11 @@ class Prober:
         path = self.probe.path
         old, new = self._slots, {}
         engine = self._engine
+        only = self.only
         for rt in self.fleet:
             name = rt.name
+            if only is not None and name not in only:
+                continue
             url = rt.config.url + path
             slot = old.get(name)
             if slot is not None and (slot.rt is not rt or slot.endpoint.url != url):

@@ -61,11 +61,12 @@ class Endpoint:
     """Where a probe goes and the bytes that ask, built once per URL. The request is what
     aiohttp sent for a probe: the same Host (default port omitted), ``Accept: */*``,
     ``Accept-Encoding: identity``, ``User-Agent: ha-exporter``, and Basic credentials when
-    the URL carries some."""
+    the URL carries some; ``headers`` are extra ``Name: value`` lines (a cluster member's
+    ``X-HA-Observer``), ASCII."""
 
     __slots__ = ("host", "port", "request", "server_hostname", "ssl", "url")
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, headers: tuple[str, ...] = ()) -> None:
         u = URL(url)
         if u.scheme not in ("http", "https") or not u.raw_host or u.port is None:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -85,6 +86,7 @@ class Endpoint:
         if u.user is not None:
             token = base64.b64encode(f"{u.user}:{u.password or ''}".encode("latin-1"))
             lines.append(f"Authorization: Basic {token.decode('ascii')}")
+        lines += headers
         self.request = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 

@@ -11,18 +11,19 @@ from aiohttp import web
 
 from exporter.logs import Throttle
 from exporter.service import Service
-from exporter.web import core, failover, routing, statuspage
+from exporter.web import cluster, core, failover, routing, statuspage
 from exporter.web.headers import on_response_prepare
 from exporter.web.keys import REJECTIONS, SERVICE
 from exporter.web.middleware import bearer_token, errors_as_json
 
-ROUTES: list[web.RouteDef] = [*core.ROUTES, *statuspage.ROUTES, *routing.ROUTES, *failover.ROUTES]
+ROUTES: list[web.RouteDef] = [*core.ROUTES, *statuspage.ROUTES, *routing.ROUTES,
+                              *failover.ROUTES, *cluster.ROUTES]
 
 
 def create_app(service: Service) -> web.Application:
     """The application serving ``service``. Errors wrap auth so a 401 is JSON like the rest."""
     app = web.Application(
-        middlewares=[errors_as_json, bearer_token],
+        middlewares=[errors_as_json, bearer_token, cluster.to_leader],
         client_max_size=service.config.api.max_body_bytes,
     )
     app[SERVICE] = service

@@ -29,9 +29,11 @@ class ApiError(Exception):
         self.status = status
 
 
-def json_response(data: Any, status: int = 200) -> web.Response:
+def json_response(data: Any, status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
     """``default=str`` so records holding timestamps or enums still encode."""
-    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, default=str))
+    return web.json_response(data, status=status, headers=headers,
+                             dumps=lambda o: json.dumps(o, default=str))
 
 
 class Body(BaseModel):

@@ -62,8 +62,9 @@ async def running(
         await service.close()
         raise
     try:
-        await server.start(host or service.config.listen.host,
-                           service.config.listen.port if port is None else port)
+        bind = host or service.config.listen.host
+        await server.start(bind, service.config.listen.port if port is None else port)
+        await service.join_cluster(f"http://{bind}:{server.port}")
         yield server
     finally:
         try:
