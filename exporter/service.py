@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -76,7 +76,7 @@ class Service:
         self.cluster: ClusterNode | None = None  # set by join_cluster in cluster mode
         self.metrics = ExporterMetrics(
             FleetCollector(
-                fleet=lambda: self.fleet,
+                fleet=self.exported_masters,
                 weights=self.routing_weights,
                 decisions=lambda: self.router.decisions,
                 checkpoint_ages=self._checkpoint_ages,
@@ -123,6 +123,15 @@ class Service:
         bus.subscribe(RoleChanged, _log_role)
 
     # --- what the API, status page and metrics read ----------------------------------------
+    def exported_masters(self) -> Iterable[MasterRuntime]:
+        """The masters whose per-master series this replica exports: all of them, or in
+        cluster mode its own shard (each master's series come from its observers)."""
+        node = self.cluster
+        if node is None:
+            return self.fleet
+        mine = node.observing.mine
+        return [rt for rt in self.fleet if rt.name in mine]
+
     def configured_duties(self) -> list[str]:
         """Every duty: one per master configured ``role: active``, named after it."""
         return [m.name for m in self.config.masters if m.role == "active"]

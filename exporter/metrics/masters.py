@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import accumulate, chain, repeat
 from operator import add, attrgetter, mod
 from typing import Any, TypeVar
 
-from exporter.fleet import PROBE_BUCKETS, RESULTS, STATES, Fleet, MasterRuntime
+from exporter.fleet import PROBE_BUCKETS, RESULTS, STATES, MasterRuntime
 from exporter.logs import ThrottledLog
 from exporter.metrics import snapshot as snap
 from exporter.metrics.exposition import EXACT, THROTTLE_SECONDS, escape, fmt, sample_value
@@ -98,7 +98,7 @@ class FleetCollector:
 
     def __init__(
         self,
-        fleet: Callable[[], Fleet],
+        fleet: Callable[[], Iterable[MasterRuntime]],
         weights: Callable[[], Mapping[str, float]],
         decisions: Callable[[], Mapping[tuple[str, str], int]],
         checkpoint_ages: Callable[[float], Mapping[str, float]],

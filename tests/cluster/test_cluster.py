@@ -7,6 +7,7 @@ What the masters report is the truth these tests check: which replicas probe the
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from collections import Counter
@@ -114,6 +115,14 @@ async def test_one_leader_and_every_master_probed_by_exactly_observers_replicas(
         leaders = [m for m in cluster.replicas
                    if await metric_value(http, cluster.bases[m], "ha_cluster_leader") == 1]
         assert leaders == [leader]
+        for member, masters in shards.items():  # per-master series: the replica's shard only
+            async with http.get(cluster.bases[member] + "/metrics") as resp:
+                text = await resp.text()
+            exported = set(re.findall(r'^ha_master_up\{[^}]*master="([^"]+)"', text, re.M))
+            assert exported == set(masters), (member, exported, masters)
+            assert await metric_value(http, cluster.bases[member],
+                                      "ha_cluster_probed_masters") == len(masters)
+            assert await metric_value(http, cluster.bases[member], "ha_cluster_members") == 3
 
 
 async def test_a_killed_master_is_failed_over_exactly_once_across_the_cluster(
