@@ -1,0 +1,127 @@
+"""The cluster from an operator's and a producer's side: actions sent to a follower reach the
+leader and every replica learns them; readiness is membership; producers route without any
+replica."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from exporter.client import Client
+from tests.cluster import etcd_server as harness
+from tests.cluster.etcd_server import EtcdServer
+from tests.cluster.harness import ClusterStack
+from tests.cluster.test_cluster import SPECS, ready, settled_probers
+from tests.processes import spawn_exporter
+from tests.support import TOKEN, get_json, master_entry, wait_for, write_config
+
+etcd_server = harness.etcd_server
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, etcd_server: EtcdServer) -> AsyncIterator[ClusterStack]:
+    stack = ClusterStack(tmp_path, etcd_server, SPECS, failover={"cooldown": "1s"})
+    try:
+        await stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+async def test_an_action_sent_to_a_follower_is_redirected_to_the_leader_and_shared(
+    cluster: ClusterStack,
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        leader = await ready(http, cluster)
+        follower = next(m for m in cluster.replicas if m != leader)
+        url = cluster.bases[follower] + "/api/v1/failover/pause"
+        async with http.post(url, headers=AUTH, allow_redirects=False) as resp:
+            assert resp.status == 307, await resp.text()
+            location = resp.headers["Location"]
+            assert location == cluster.bases[leader] + "/api/v1/failover/pause"
+            assert (await resp.json())["leader"] == cluster.bases[leader]
+        async with http.post(location, headers=AUTH) as resp:
+            assert resp.status == 200 and (await resp.json())["paused"] is True
+
+        async def everywhere(paused: bool) -> bool:
+            states = [await get_json(http, b + "/api/v1/failover/status")
+                      for b in cluster.bases.values()]
+            return all(s["paused"] is paused for s in states)
+        await wait_for(lambda: everywhere(True), 10, "every replica paused")
+        url = cluster.bases[follower] + "/api/v1/masters/master-b/maintenance"
+        async with http.post(url, headers=AUTH, json={"enabled": True},
+                             allow_redirects=False) as resp:
+            assert resp.status == 307
+            target = resp.headers["Location"]
+        async with http.post(target, headers=AUTH, json={"enabled": True}) as r:
+            assert r.status == 200, await r.text()
+
+        async def drained() -> bool:
+            states = [(await get_json(http, b + "/api/v1/masters/master-b"))["state"]
+                      for b in cluster.bases.values()]
+            return states == ["maintenance"] * len(states)
+        await wait_for(drained, 10, "master-b in maintenance on every replica")
+        async with http.post(cluster.bases[leader] + "/api/v1/failover/resume",
+                             headers=AUTH) as resp:
+            assert resp.status == 200
+        await wait_for(lambda: everywhere(False), 10, "every replica resumed")
+        async with http.post(cluster.bases[follower] + "/-/reload", headers=AUTH,
+                             allow_redirects=False) as resp:
+            assert resp.status == 200  # per-replica calls are never redirected
+
+
+async def test_a_replica_that_cannot_reach_etcd_is_not_ready_but_serves_metrics(
+    tmp_path: Path, etcd_server: EtcdServer,
+) -> None:
+    home = tmp_path / "lonely"
+    home.mkdir()
+    config = write_config(
+        home, [master_entry("m", "http://127.0.0.1:9/")],
+        cluster={"etcd": {"endpoints": [f"unix://{tmp_path}/nothing.sock"], "timeout": "300ms"},
+                 "member": "lonely", "lease_ttl": "2s"})
+    proc = await spawn_exporter(home, config)
+    try:
+        assert proc.url is not None
+        async with aiohttp.ClientSession() as http:
+            await asyncio.sleep(1.5)  # several membership attempts
+            async with http.get(proc.url + "/readyz") as resp:
+                assert resp.status == 503
+                assert "not a cluster member" in (await resp.json())["reason"]
+            async with http.get(proc.url + "/metrics") as resp:
+                assert resp.status == 200
+                assert "ha_cluster_leader 0.0" in await resp.text()
+    finally:
+        proc.stop()
+
+
+async def test_producers_keep_routing_with_every_replica_down(cluster: ClusterStack) -> None:
+    async with aiohttp.ClientSession() as http:
+        await ready(http, cluster)
+        await settled_probers(http, cluster)
+        bases = list(cluster.bases.values())
+        sent: list[str] = []
+        async with Client(bases, token=TOKEN, attempts=4, timeout=0.5, watch_wait=0.5,
+                          stale_after=0.5, replay=False) as client:
+            for i in range(20):
+                await client.send({"id": f"up-{i}"})
+                sent.append(f"up-{i}")
+            for proc in cluster.replicas.values():
+                proc.kill()
+            started = time.monotonic()
+            while time.monotonic() - started < 2.0:  # bounded: two seconds of traffic
+                msg_id = f"down-{len(sent)}"
+                result = await client.send({"id": msg_id})
+                assert result["master"] in ("master-a", "master-b"), result
+                sent.append(msg_id)
+            stats = client.stats()
+            assert not stats["exporter_up"] and stats["table_age_seconds"] > 1.0
+        accepted: set[str] = set()
+        for name in ("master-a", "master-b"):
+            accepted |= set((await get_json(http, cluster.urls[name] + "/messages"))["ids"])
+        assert len(sent) > 40 and set(sent) <= accepted, (len(sent), len(set(sent) - accepted))
