@@ -358,16 +358,22 @@ class Service:
                 new = load_config(self.config_path)
                 token = read_token(new.api)
             except ConfigError as exc:
-                self.metrics.config_reload_success.set(0)
-                for err in exc.errors:
-                    log.error("config reload rejected, keeping the running config: %s", err)
-                return False, exc.errors
+                return self._reload_rejected(exc.errors)
+            if new.cluster != self.config.cluster:  # membership is fixed for a process's life
+                return self._reload_rejected(
+                    ["cluster: the cluster section cannot change on reload; restart the replica"])
             self.apply_config(new)
             if token is not None:  # a reload never drops the token the service started with
                 self.token = token
             self.metrics.config_reload_success.set(1)
             self.metrics.config_reload_timestamp.set(time.time())
             return True, []
+
+    def _reload_rejected(self, errors: list[str]) -> tuple[bool, list[str]]:
+        self.metrics.config_reload_success.set(0)
+        for err in errors:
+            log.error("config reload rejected, keeping the running config: %s", err)
+        return False, errors
 
     def apply_config(self, new: Config) -> None:
         added, removed, changed = self.fleet.update(
