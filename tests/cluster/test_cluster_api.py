@@ -74,6 +74,11 @@ async def test_an_action_sent_to_a_follower_is_redirected_to_the_leader_and_shar
         async with http.post(cluster.bases[follower] + "/-/reload", headers=AUTH,
                              allow_redirects=False) as resp:
             assert resp.status == 200  # per-replica calls are never redirected
+        path = cluster.configs[follower]
+        path.write_text(path.read_text().replace("lease_ttl: 2s", "lease_ttl: 5s"))
+        async with http.post(cluster.bases[follower] + "/-/reload", headers=AUTH) as resp:
+            body = await resp.json()
+            assert resp.status == 400 and body["errors"][0].startswith("cluster:"), body
 
 
 async def test_a_replica_that_cannot_reach_etcd_is_not_ready_but_serves_metrics(
