@@ -309,7 +309,8 @@ class Service:
         assert isinstance(self.store, ReplicatedStore)
         member = cfg.member or url.split("://", 1)[-1]
         owners = Owners(assignments=self.duties.reload, maintenance=self._take_maintenance,
-                        paused=self.failover.adopt_paused, strategy=self._take_strategy)
+                        paused=self.failover.adopt_paused, strategy=self._take_strategy,
+                        reset=lambda master: node.observing.reset(master))
         node = ClusterNode(cfg, member, cfg.url or url, self.fleet, self.store, owners,
                            self.bus.publish)
         node.attach(self.failover, self.prober)

@@ -48,6 +48,7 @@ class Owners:
     maintenance: Callable[[str, bool], None]  # a master's health machine drained or not
     paused: Callable[[bool], None]
     strategy: Callable[[str | None], None]
+    reset: Callable[[str], None]  # an operator's reset reaches this replica's observer
 
 
 def _dumps(value: Any) -> bytes:
@@ -99,7 +100,8 @@ class Facts:
         ops: list[Put | Delete] = []
         tables: dict[str, Callable[[], Any]] = {
             ASSIGNMENTS: store.assignments, MAINTENANCE: store.maintenance,
-            FLAGS: lambda: {"paused": store.paused(), "strategy": store.flag("strategy")},
+            FLAGS: lambda: {"paused": store.paused(), "strategy": store.flag("strategy"),
+                            "resets": store.flag("resets", {})},
             CLEANUPS: store.cleanups}
         ops += [Put(keys.fact(name), _dumps(tables[name]())) for name in sorted(facts)]
         replaced = []
@@ -179,6 +181,12 @@ class Facts:
             if strategy != store.flag("strategy"):
                 store.set_flag("strategy", strategy)
                 owners.strategy(strategy)
+            resets, seen = value.get("resets") or {}, store.flag("resets", {})
+            if resets != seen:
+                store.set_flag("resets", resets)
+                for master, at in resets.items():
+                    if float(at) > float(seen.get(master, 0.0)):
+                        owners.reset(str(master))
         elif name == CLEANUPS:
             self._take_cleanups(value)
 

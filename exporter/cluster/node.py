@@ -119,6 +119,12 @@ class ClusterNode:
                         for m, url in sorted(self.members.items())],
         }
 
+    def reset(self, master: str) -> None:
+        """The leader's side of an operator's reset: its own observer now, every other
+        replica's through ``facts/flags``."""
+        self.observing.reset(master)
+        self.store.set_flag("resets", {**self.store.flag("resets", {}), master: time.time()})
+
     def leader_url(self) -> str | None:
         return self.leader.url if self.leader is not None else None
 
@@ -126,6 +132,7 @@ class ClusterNode:
     def attach(self, failover: FailoverManager, prober: Prober) -> None:
         self.failover, self.prober = failover, prober
         failover.leading = self.not_leading
+        failover.on_reset = self.reset
         failover.client.fence = self.fence
         prober.retarget(frozenset())  # nothing until the membership is known
 

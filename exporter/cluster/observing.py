@@ -82,6 +82,12 @@ class Observing:
         return {name: m.state is State.FAILED for name, m in self.machines.items()
                 if name in self.mine}
 
+    def reset(self, master: str) -> None:
+        """An operator's reset: this observer's counters and attempt limit cleared too."""
+        machine = self.machines.get(master)
+        if machine is not None:
+            machine.reset(time.time())
+
     # --- the shard -------------------------------------------------------------------------
     def set_shards(self, shards: Shards) -> frozenset[str]:
         """A new membership: this replica's shard, verdicts it no longer owes withdrawn, and

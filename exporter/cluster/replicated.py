@@ -16,7 +16,7 @@ from typing import Any
 from exporter.store import Store
 
 ASSIGNMENTS, MAINTENANCE, FLAGS, CLEANUPS = "assignments", "maintenance", "flags", "cleanups"
-SHARED_FLAGS = ("paused", "strategy")
+SHARED_FLAGS = ("paused", "strategy", "resets")
 
 
 class ReplicatedStore(Store):

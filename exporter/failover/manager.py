@@ -95,6 +95,7 @@ class FailoverManager:
         self._stopping = False
         # None while this exporter may act; else why not (a cluster follower, a lost lease)
         self.leading: Callable[[], str | None] = lambda: None
+        self.on_reset: Callable[[str], None] = lambda _name: None  # cluster: observers too
 
     def _settings(self) -> FailoverConfig:
         return self.config.failover
@@ -338,6 +339,7 @@ class FailoverManager:
         cooldown; if it is serving and its duty is held by a backup, give it back (manual
         failback)."""
         rt = self._known(name)
+        self.on_reset(name)
         self._publish(rt.health.reset(time.time()))
         self.cooldowns.clear(name)
         moved = None
