@@ -36,6 +36,8 @@ from exporter.cluster.replicated import (
 log = logging.getLogger(__name__)
 
 HISTORY_KEPT = 500
+AUDIT_KEPT = 1000
+AUDIT_PER_TXN = 40
 MOVES_PER_TXN = 24  # etcd allows 128 operations per transaction by default
 CANDIDATES_KEPT = 20  # a record's candidate list is cut in etcd (all of it stays local)
 
@@ -71,29 +73,38 @@ class Facts:
         """Write every marked fact; None when all are in etcd, else why not."""
         async with self._lock:
             store = self.store
-            while store.dirty or store.dirty_moves:
+            while store.dirty or store.dirty_moves or store.dirty_audit:
                 if not self.leader_revision:
                     return "not the cluster leader"
                 facts = set(store.dirty)
                 moves = sorted(store.dirty_moves)[:MOVES_PER_TXN]
+                audit = store.dirty_audit[:AUDIT_PER_TXN]
                 store.dirty -= facts
                 store.dirty_moves -= set(moves)
+                del store.dirty_audit[:len(audit)]
                 ops, replaced = self._ops(facts, moves)
+                ops += [Put(f"{self.keys.audit}{float(e['ts']):017.6f}-{self.epoch}-{i}-"
+                            f"{self.writes}", _dumps(e)) for i, e in enumerate(audit)]
                 try:
                     done = await self.etcd.txn(
                         [Compare(self.keys.leader, "create", self.leader_revision)], ops)
                 except EtcdError as exc:
-                    store.dirty |= facts
-                    store.dirty_moves |= set(moves)
+                    self._unmark(facts, moves, audit)
                     return f"etcd did not take the write: {exc}"
                 if not done.succeeded:
-                    store.dirty |= facts
-                    store.dirty_moves |= set(moves)
+                    self._unmark(facts, moves, audit)
                     return "the leader key is no longer this replica's"
                 self.writes += 1
                 for move in replaced:
                     store.replaces.pop(move, None)
             return None
+
+    def _unmark(self, facts: set[str], moves: list[int], audit: list[dict[str, Any]]) -> None:
+        """What a failed flush took is marked again, in its order."""
+        store = self.store
+        store.dirty |= facts
+        store.dirty_moves |= set(moves)
+        store.dirty_audit[:0] = audit
 
     def _ops(self, facts: set[str], moves: list[int]) -> tuple[list[Put | Delete], list[int]]:
         store, keys = self.store, self.keys
@@ -123,16 +134,17 @@ class Facts:
                 replaced.append(move)
         return ops, replaced
 
-    async def prune(self, history: list[str]) -> None:
-        """Keep the newest ``HISTORY_KEPT`` finished moves in etcd (keys sort by finish)."""
-        extra = sorted(history)[:-HISTORY_KEPT] if len(history) > HISTORY_KEPT else []
+    async def prune(self, keys: list[str], kept: int) -> None:
+        """Keep the newest ``kept`` of ``keys`` in etcd (finished moves or audit entries:
+        their keys sort by time)."""
+        extra = sorted(keys)[:-kept] if len(keys) > kept else []
         for start in range(0, len(extra), MOVES_PER_TXN * 4):
             chunk = extra[start:start + MOVES_PER_TXN * 4]
             try:
                 await self.etcd.txn([Compare(self.keys.leader, "create", self.leader_revision)],
                                     [Delete(key) for key in chunk])
             except EtcdError as exc:
-                log.warning("cluster: pruning history in etcd failed: %s", exc)
+                log.warning("cluster: pruning old records in etcd failed: %s", exc)
                 return
 
     # --- taking the leader's facts --------------------------------------------------------
@@ -150,6 +162,8 @@ class Facts:
                 self._take_fact(key[len(self.keys.facts):], value)
             elif key.startswith(self.keys.history):
                 self._import(value)
+            elif key.startswith(self.keys.audit):
+                self._import_audit(value)
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("cluster: %s in etcd is malformed (%s); ignored", key, exc)
 
@@ -157,6 +171,8 @@ class Facts:
         store, owners = self.store, self.owners
         if name == ASSIGNMENTS:
             old = store.assignments()
+            if old == value:
+                return
             for duty in old.keys() - value.keys():
                 store.move_duties([duty], duty, 0.0)
             for duty, a in value.items():
@@ -209,6 +225,13 @@ class Facts:
             started, row.get("backup"), float(row.get("duration") or 0.0),
             row.get("steps") or [], row.get("candidates") or [], str(row.get("kind") or
                                                                      "failover"))
+
+    def _import_audit(self, e: dict[str, Any]) -> None:
+        ts, actor, action = float(e["ts"]), str(e["actor"]), str(e["action"])
+        if not self.store.has_audit(ts, actor, action):
+            master = e.get("master")
+            self.store.audit(actor, action, str(master) if master is not None else None,
+                             dict(e.get("detail") or {}), ts)
 
     def take_all(self, kvs: dict[str, KeyValue]) -> None:
         """Every fact and finished move at once (a follower starting, a leader taking over)."""

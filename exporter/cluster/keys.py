@@ -23,6 +23,7 @@ class Keys:
         self.facts = self.root + "facts/"
         self.journal = self.root + "journal/"
         self.history = self.root + "history/"
+        self.audit = self.root + "audit/"
 
     def member(self, name: str) -> str:
         return self.members + quote(name, safe="")

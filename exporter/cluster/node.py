@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from exporter.cluster.etcd import Etcd, EtcdError, KeyValue, Put
-from exporter.cluster.facts import Facts, Owners
+from exporter.cluster.facts import AUDIT_KEPT, HISTORY_KEPT, Facts, Owners
 from exporter.cluster.figures import ClusterFigures
 from exporter.cluster.keys import Keys
 from exporter.cluster.leadership import Election, Leader, read_leader
@@ -35,6 +35,8 @@ from exporter.fleet import Fleet, Sample, Transition
 from exporter.probing.prober import Prober
 
 log = logging.getLogger(__name__)
+
+PRUNE_EVERY = 60.0  # seconds between the leader's retention passes over history and audit
 
 
 class ClusterNode:
@@ -61,6 +63,7 @@ class ClusterNode:
         self.leading = False
         self.registered: int | None = None  # the lease our member key is on
         self.leader_changes = 0
+        self._pruned_at = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
@@ -190,10 +193,14 @@ class ClusterNode:
             await self._take_over(leader)
         elif not mine and self.leading:
             self._step_down("the lease or the leader key is no longer ours")
-        if self.leading and (self.store.dirty or self.store.dirty_moves):
+        if self.leading and (self.store.dirty or self.store.dirty_moves
+                             or self.store.dirty_audit):
             why = await self.facts.flush()
             if why is not None:
                 log.debug("cluster: facts not written yet: %s", why)
+        if self.leading and time.monotonic() - self._pruned_at > PRUNE_EVERY:
+            self._pruned_at = time.monotonic()
+            await self._prune()
 
     async def _take_over(self, leader: Leader) -> None:
         failover = self.failover
@@ -222,7 +229,11 @@ class ClusterNode:
         records = await failover.recover_journal()
         if records:
             log.warning("cluster: %d open moves closed by the new leader", len(records))
-        await self.facts.prune(list(self.mirror.under(self.keys.history)))
+
+    async def _prune(self) -> None:
+        """Bounded retention of finished moves and audit entries in etcd."""
+        await self.facts.prune(list(self.mirror.under(self.keys.history)), HISTORY_KEPT)
+        await self.facts.prune(list(self.mirror.under(self.keys.audit)), AUDIT_KEPT)
 
     def _step_down(self, why: str) -> None:
         if not self.leading:
@@ -233,6 +244,7 @@ class ClusterNode:
         store.marking = False
         store.dirty.clear()
         store.dirty_moves.clear()
+        store.dirty_audit.clear()
         store.replaces.clear()
         log.warning("cluster: %s stops leading: %s", self.member, why,
                     extra={"event": "cluster_step_down", "member": self.member, "why": why})
@@ -256,8 +268,8 @@ class ClusterNode:
                 if self.leading and (self.leader is None or self.leader.lease != self.lease.id):
                     self._step_down("the leader key is gone or another's")
                 self._wake.set()
-            elif key.startswith(keys.history) or (key.startswith(keys.facts)
-                                                   and not self.leading):
+            elif (key.startswith((keys.history, keys.audit))
+                  or (key.startswith(keys.facts) and not self.leading)):
                 self.facts.take(key, kv)
         except Exception:
             log.exception("cluster: applying %s failed", key)

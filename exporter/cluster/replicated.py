@@ -9,6 +9,7 @@ runs. A follower's store is written with marking off: its facts come from the le
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class ReplicatedStore(Store):
         self.dirty: set[str] = set()
         self.dirty_moves: set[int] = set()
         self.replaces: dict[int, str] = {}  # local move id -> journal key of the leader before
+        self.dirty_audit: list[dict[str, Any]] = []  # entries not in etcd yet, oldest first
         self.on_mark: Callable[[], None] = lambda: None
 
     def _mark(self, fact: str | None = None, move: int | None = None) -> None:
@@ -36,6 +38,21 @@ class ReplicatedStore(Store):
         if move is not None:
             self.dirty_moves.add(move)
         self.on_mark()
+
+    def audit(self, actor: str, action: str, master: str | None = None,
+              detail: dict[str, Any] | None = None, ts: float | None = None) -> int:
+        ts = time.time() if ts is None else ts
+        entry = super().audit(actor, action, master, detail, ts)
+        if self.marking:
+            self.dirty_audit.append({"ts": ts, "actor": actor, "action": action,
+                                     "master": master, "detail": detail or {}})
+            self.on_mark()
+        return entry
+
+    def has_audit(self, ts: float, actor: str, action: str) -> bool:
+        """Whether this entry is here already (imported once)."""
+        return bool(self._read_or([], "SELECT 1 FROM audit WHERE ts = ? AND actor = ? AND"
+                                  " action = ?", (ts, actor, action)))
 
     def move_duties(self, duties: Sequence[str], holder: str, since: float,
                     failover_id: int | None = None) -> None:

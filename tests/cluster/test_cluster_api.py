@@ -54,6 +54,11 @@ async def test_an_action_sent_to_a_follower_is_redirected_to_the_leader_and_shar
                       for b in cluster.bases.values()]
             return all(s["paused"] is paused for s in states)
         await wait_for(lambda: everywhere(True), 10, "every replica paused")
+
+        async def audited() -> bool:  # the leader's audit is readable on the follower
+            page = await get_json(http, cluster.bases[follower] + "/api/v1/audit")
+            return any(e["action"] == "pause" for e in page["items"])
+        await wait_for(audited, 10, "the pause in the follower's audit")
         url = cluster.bases[follower] + "/api/v1/masters/master-b/maintenance"
         async with http.post(url, headers=AUTH, json={"enabled": True},
                              allow_redirects=False) as resp:
