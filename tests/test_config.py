@@ -528,3 +528,31 @@ async def test_a_reload_refused_at_load_keeps_the_running_config_and_token(tmp_p
         assert not ok and "is 5 characters long" in errors[0] and svc.token == "t" * 16
     finally:
         await svc.close()
+
+
+def test_cluster_section_defaults_and_absence():
+    assert load_config_text(GOOD).cluster is None  # the embedded default: a single node
+    cfg = load_config_text(GOOD + "\ncluster: {etcd: {endpoints: ['http://127.0.0.1:2379']}}\n")
+    assert cfg.cluster is not None
+    c = cfg.cluster
+    assert (c.etcd.prefix, c.etcd.timeout, c.member, c.url) == ("/ha-exporter", 2.0, None, None)
+    assert (c.lease_ttl, c.observers, c.quorum) == (10.0, 2, 2)
+
+
+@pytest.mark.parametrize(("section", "expected"), [
+    ("{etcd: {endpoints: []}}", "cluster.etcd.endpoints: List should have at least 1 item"),
+    ("{etcd: {endpoints: ['unix://relative.sock']}}",
+     "cluster.etcd.endpoints[0]: 'unix://relative.sock': a unix endpoint is unix:///absolute"),
+    ("{etcd: {endpoints: ['ftp://x']}}", "cluster.etcd.endpoints[0]:"),
+    ("{etcd: {endpoints: ['http://e:2379'], prefix: 'no-slash'}}",
+     "cluster.etcd.prefix: 'no-slash' is not a key prefix"),
+    ("{etcd: {endpoints: ['http://e:2379']}, lease_ttl: 1s}",
+     "cluster.lease_ttl: must be at least 2s"),
+    ("{etcd: {endpoints: ['http://e:2379']}, observers: 2, quorum: 3}",
+     "cluster.quorum: 3 is more than observers (2)"),
+    ("{etcd: {endpoints: ['http://e:2379']}, observers: 0}", "cluster.observers:"),
+    ("{etcd: {endpoints: ['http://e:2379']}, leader: me}", "cluster.leader: unknown key"),
+])
+def test_a_bad_cluster_section_names_its_key(section: str, expected: str) -> None:
+    errors = errors_of(GOOD + f"\ncluster: {section}\n")
+    assert any(e.startswith(expected) for e in errors), errors
