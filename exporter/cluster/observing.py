@@ -68,10 +68,16 @@ class Observing:
         # a new observer says nothing until its probes have shown something either way
         if ok or machine.state is State.FAILED or name in self._earned:
             self._earned.add(name)
-            verdict = Verdict(self.member, str(machine.state), ok, rt.reported_active,
-                              rt.reported_duties, reason[:MAX_REASON])
+            state = str(machine.state)
             last = self._published.get(name)
-            if last is None or _differs(last, verdict):
+            if last is None or (last.state, last.up, last.active, last.duties) != (
+                    state, ok, rt.reported_active, rt.reported_duties):
+                try:
+                    verdict = Verdict(self.member, state, ok, rt.reported_active,
+                                      rt.reported_duties, reason[:MAX_REASON])
+                except ValueError:  # duties past a verdict's bounds: published as unknown
+                    verdict = Verdict(self.member, state, ok, rt.reported_active, None,
+                                      reason[:MAX_REASON])
                 self._published[name] = verdict
                 self._pending[name] = verdict
                 self._wake.set()
@@ -187,7 +193,3 @@ class Observing:
                 self._wake.set()
             await asyncio.sleep(PUBLISH_EVERY)
 
-
-def _differs(a: Verdict, b: Verdict) -> bool:
-    """A new verdict is published when what others act on changed (not the reason text)."""
-    return (a.state, a.up, a.active, a.duties) != (b.state, b.up, b.active, b.duties)
