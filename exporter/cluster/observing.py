@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from exporter.cluster.etcd import Delete, Etcd, EtcdError, KeyValue, Put
 from exporter.cluster.keys import Keys
-from exporter.cluster.quorum import MAX_REASON, ClusterView, Verdict, aggregate
+from exporter.cluster.quorum import MAX_REASON, ClusterView, Verdict, aggregate, queue_bucket
 from exporter.cluster.shard import Shards
 from exporter.config import ProbeConfig
 from exporter.fleet import Fleet, HealthMachine, MasterRuntime, Outcome, Sample, State, Transition
@@ -68,16 +68,16 @@ class Observing:
         # a new observer says nothing until its probes have shown something either way
         if ok or machine.state is State.FAILED or name in self._earned:
             self._earned.add(name)
-            state = str(machine.state)
+            state, queue = str(machine.state), queue_bucket(rt.queue_length)
             last = self._published.get(name)
-            if last is None or (last.state, last.up, last.active, last.duties) != (
-                    state, ok, rt.reported_active, rt.reported_duties):
+            if last is None or (last.state, last.up, last.active, last.duties, last.queue) != (
+                    state, ok, rt.reported_active, rt.reported_duties, queue):
                 try:
                     verdict = Verdict(self.member, state, ok, rt.reported_active,
-                                      rt.reported_duties, reason[:MAX_REASON])
+                                      rt.reported_duties, reason[:MAX_REASON], queue)
                 except ValueError:  # duties past a verdict's bounds: published as unknown
                     verdict = Verdict(self.member, state, ok, rt.reported_active, None,
-                                      reason[:MAX_REASON])
+                                      reason[:MAX_REASON], queue)
                 self._published[name] = verdict
                 self._pending[name] = verdict
                 self._wake.set()
@@ -138,7 +138,7 @@ class Observing:
         if verdict is None and not view.failed:
             return  # nobody has seen it yet: keep what the record holds
         if master not in self.mine and verdict is not None:
-            rt.adopt(verdict.up, verdict.active, verdict.duties)
+            rt.adopt(verdict.up, verdict.active, verdict.duties, verdict.queue)
         if view.failed:
             reason = (f"failed for {len(view.failed_by)} of "
                       f"{len(self.shards.observers(master))} observers "

@@ -39,6 +39,7 @@ MAX_BYTES = 4096  # a published verdict, as JSON
 MAX_REASON = 200  # characters
 MAX_DUTIES = 1000  # entries
 MAX_DUTY = 200  # characters per duty
+MAX_QUEUE = 1 << 40
 
 # Every state an observer can publish: maintenance is an operator's decision, not a view.
 VERDICT_STATES = frozenset(s.value for s in State if s is not State.MAINTENANCE)
@@ -62,6 +63,23 @@ def _check_duties(duties: object) -> tuple[str, ...] | None:
     return tuple(duties)
 
 
+def queue_bucket(queue: float | None) -> int | None:
+    """A queue length as published: 0, or the power of two at or below it. A verdict changes
+    (and is written to etcd) when a queue halves or doubles, not on every message; peers route
+    and rebalance on figures within a factor of two."""
+    if queue is None or queue != queue or queue < 1:
+        return None if queue is None or queue != queue else 0
+    return 1 << min(int(queue), MAX_QUEUE).bit_length() - 1
+
+
+def _check_queue(queue: object) -> int | None:
+    if queue is None:
+        return None
+    if isinstance(queue, bool) or not isinstance(queue, int) or not 0 <= queue <= MAX_QUEUE:
+        raise ValueError(f"queue: not null or an integer 0 to {MAX_QUEUE}")
+    return queue
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """One observer's view of one master, as that observer publishes it.
@@ -75,6 +93,7 @@ class Verdict:
     active: bool | None
     duties: tuple[str, ...] | None
     reason: str
+    queue: int | None = None  # the master's queue length, as ``queue_bucket`` (None: unknown)
 
     def __post_init__(self) -> None:
         if not self.observer:
@@ -84,6 +103,7 @@ class Verdict:
         if len(self.reason) > MAX_REASON:
             raise ValueError(f"reason: {len(self.reason)} characters, more than {MAX_REASON}")
         _check_duties(self.duties)
+        _check_queue(self.queue)
 
     @property
     def failed(self) -> bool:
@@ -96,6 +116,7 @@ class Verdict:
             {
                 "active": self.active,
                 "duties": None if self.duties is None else list(self.duties),
+                "queue": self.queue,
                 "reason": self.reason,
                 "state": str(self.state),
                 "up": self.up,
@@ -134,7 +155,8 @@ class Verdict:
             raise ValueError("active: not a boolean or null")
         if not isinstance(reason, str):
             raise ValueError("reason: not a string")
-        return cls(observer, state, up, active, _check_duties(doc["duties"]), reason)
+        return cls(observer, state, up, active, _check_duties(doc["duties"]), reason,
+                   _check_queue(doc.get("queue")))
 
 
 @dataclass(frozen=True, slots=True)

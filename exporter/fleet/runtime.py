@@ -126,9 +126,13 @@ class MasterRuntime:
             self.reported_duties = None
         return ok, str(outcome.result) + (f": {outcome.detail}" if outcome.detail else "")
 
-    def adopt(self, up: bool, active: bool | None, duties: Sequence[str] | None) -> None:
-        """What another cluster member's probes say of a master this replica does not probe."""
+    def adopt(self, up: bool, active: bool | None, duties: Sequence[str] | None,
+              queue: float | None = None) -> None:
+        """What another cluster member's probes say of a master this replica does not probe
+        (its queue as that member published it: within a factor of two)."""
         self.remote_views += 1
+        if queue is not None:
+            self.queue_length = queue
         self.up = up
         self.reported_active = active
         self.reported_duties = tuple(duties) if duties is not None else None

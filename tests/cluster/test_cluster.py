@@ -123,6 +123,10 @@ async def test_one_leader_and_every_master_probed_by_exactly_observers_replicas(
             assert await metric_value(http, cluster.bases[member],
                                       "ha_cluster_probed_masters") == len(masters)
             assert await metric_value(http, cluster.bases[member], "ha_cluster_members") == 3
+            # every replica knows every master's queue, probed or not (within a factor 2)
+            listed = await get_json(http, cluster.bases[member] + "/api/v1/masters")
+            queues = {m["name"]: m["queue_length"] for m in listed["masters"]}
+            assert None not in queues.values(), (member, queues)
 
 
 async def test_a_killed_master_is_failed_over_exactly_once_across_the_cluster(

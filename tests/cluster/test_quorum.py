@@ -16,6 +16,7 @@ from exporter.cluster.quorum import (
     Verdict,
     aggregate,
     effective_quorum,
+    queue_bucket,
 )
 from exporter.fleet.states import State
 
@@ -199,3 +200,23 @@ def test_from_json_accepts_the_edges():
     assert Verdict.from_json("a", edge) == v("a", active=None, duties=None, reason="x" * 200)
     assert Verdict.from_json("a", dumped(duties=["x" * 200] * 10)).duties == ("x" * 200,) * 10
     assert Verdict.from_json("a", dumped(duties=["x"] * 1000)).duties == ("x",) * 1000
+
+
+@pytest.mark.parametrize(("queue", "published"), [
+    (None, None), (float("nan"), None), (0, 0), (0.5, 0), (1, 1), (2, 2), (3, 2), (4, 4),
+    (7, 4), (8, 8), (1000, 512), (1025, 1024), (1e20, 1 << 40),
+])
+def test_a_queue_is_published_as_the_power_of_two_at_or_below_it(
+    queue: float | None, published: int | None,
+) -> None:
+    assert queue_bucket(queue) == published
+
+
+@pytest.mark.parametrize("bad", ["-1", "1.5", "true", '"8"', str((1 << 40) + 1)])
+def test_a_verdicts_queue_must_be_a_bounded_integer(bad: str) -> None:
+    def raw(queue: str) -> bytes:
+        return ('{"active": true, "duties": null, "queue": ' + queue
+                + ', "reason": "", "state": "healthy", "up": true}').encode()
+    with pytest.raises(ValueError, match=r"^queue:"):
+        Verdict.from_json("o", raw(bad))
+    assert Verdict.from_json("o", raw("64")).queue == 64
