@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from exporter.config import Config, load_config, load_config_text
+from exporter.metrics.cluster import HELP as CLUSTER_HELP
 from exporter.rules import RUNBOOK_URL, render, render_texts
 from tests.monitoring import _bound_address, _wait_up
 from tests.processes import Processes
@@ -33,9 +34,11 @@ RERENDER = "ha-exporter render --config examples/ha-exporter.yml --out alert_rul
 FLEET_ALERTS = {
     "HANoHealthyBackup", "HANoMasterAvailable", "HAFailoverStuck", "HALoadImbalance",
     "HAExporterDown", "HAExporterAbsent", "HAConfigReloadFailed", "HAStateStoreFailing",
-    "HAProbeEngineBehind", "HANotificationsFailing",
+    "HAProbeEngineBehind", "HANotificationsFailing", "HAClusterNoLeader", "HAClusterMemberDown",
 }
 DUTY_ALERTS = {"HADutyUnserved", "HADutyMultipleHolders"}
+#: The cluster families (exporter.metrics.cluster): exposed by replicas in cluster mode only.
+CLUSTER_METRICS = frozenset(CLUSTER_HELP)
 
 #: A config far from the defaults, to prove that the thresholds reach the rules and their tests.
 OTHER_CONFIG = """
@@ -165,6 +168,78 @@ def test_state_and_notification_alerts_hold_with_several_exporter_replicas() -> 
     assert 'result="success", state_source="none"' in rules["HAFailoverStateLost"]["expr"]
 
 
+#: Alerts about a master or the fleet built from per-master or fleet-level gauges: a single-node
+#: branch (as before, per instance) and a cluster branch merged over the replicas, and how the
+#: cluster branch merges them (the outer aggregation, and over what).
+TWO_BRANCH_ALERTS = {
+    "HAMasterDown": "max by (job, master) (",
+    "HAMasterDegraded": "max by (job, master) (",
+    "HAMasterRecoveryTimeout": "max by (job, master) (",
+    "HAMasterProbeLatencyHigh": "min by (job, master) (",
+    "HAMasterQueueBacklog": "max by (job, master) (",
+    "HANoHealthyBackup": "count by (job) (max by (job, master) (",
+    "HANoMasterAvailable": "count by (job) (",
+    "HALoadImbalance": "max by (job) (",
+    "HAMasterErrorBudgetBurn": "min by (job, master) (",
+}
+SINGLE_BRANCH = 'unless on (job, instance) ha_cluster_members{job="ha-exporter"}'
+CLUSTER_JOIN = 'and on (job, instance) ha_cluster_members{job="ha-exporter"}'
+
+
+def _branches(expr: str) -> tuple[str, str]:
+    """(single-node branch, cluster branch): the expression split at its top-level ``or``."""
+    single, sep, cluster = expr.partition(f"\n{SINGLE_BRANCH}\nor\n".replace("\nu", "\n  u"))
+    assert sep, f"no single-node branch ending in {SINGLE_BRANCH!r}, then or: {expr}"
+    return single, cluster
+
+
+def test_master_and_fleet_alerts_have_a_single_node_and_a_cluster_branch() -> None:
+    """Single node: the expression as it was, per instance, for targets without
+    ha_cluster_members. Cluster: only the replicas' series (joined on ha_cluster_members),
+    merged per master or job with max/min, no instance left, never a sum over replicas (a sum
+    by instance, within one replica, is fine)."""
+    rules = [r for r in _alerts() if r["alert"] in TWO_BRANCH_ALERTS]
+    assert {r["alert"] for r in rules} == set(TWO_BRANCH_ALERTS)
+    for rule in rules:
+        name = rule["alert"]
+        single, cluster = _branches(rule["expr"])
+        assert "ha_cluster_members" not in single, name
+        assert cluster.lstrip("( \n").startswith(TWO_BRANCH_ALERTS[name]), (name, cluster)
+        # every selector of the cluster branch is restricted to cluster replicas
+        selectors = re.findall(r"\b(?:ha_|master:)[\w:]*\{[^}]*\}", cluster)
+        joined = cluster.count(CLUSTER_JOIN)
+        assert joined and joined == len(selectors) - joined, (name, cluster)
+        for func, grouping in re.findall(r"\b(sum|max|min|count) by \(([^)]*)\)", cluster):
+            labels = {label.strip() for label in grouping.split(",")}
+            if func == "sum":  # only within one replica: a histogram's buckets
+                assert "instance" in labels, f"{name}: a sum over replicas: {grouping}"
+            else:
+                assert "instance" not in labels, f"{name}: one alert per replica: {grouping}"
+        annotations = str(rule["annotations"])
+        for use in re.findall(r"\{\{[^}]*\$labels\.instance[^}]*\}\}", annotations):
+            assert use == "{{ with $labels.instance }}", f"{name}: {use} is empty in a cluster"
+
+
+def test_cluster_alerts_select_only_series_of_cluster_replicas() -> None:
+    """HAClusterNoLeader, HAClusterMemberDown and HAMasterObserversDisagree read families
+    that only cluster replicas expose, so a single node can never fire them."""
+    rules = {r["alert"]: r for r in _alerts()
+             if r["alert"] in {"HAClusterNoLeader", "HAClusterMemberDown",
+                               "HAMasterObserversDisagree"}}
+    assert len(rules) == 3
+    for name, rule in rules.items():
+        names = metric_names(rule["expr"])
+        assert names & CLUSTER_METRICS, name
+        if name != "HAMasterObserversDisagree":
+            assert "master" not in rule["expr"], f"{name}: about the cluster, not a master"
+    assert rules["HAClusterNoLeader"]["expr"].strip() == (
+        'sum by (job) (ha_cluster_leader{job="ha-exporter"}) != 1')
+    assert rules["HAClusterNoLeader"]["for"] == "1m"
+    assert rules["HAClusterMemberDown"]["expr"].strip() == (
+        'min by (job) (ha_cluster_members{job="ha-exporter"}) < count by (job) '
+        '(up{job="ha-exporter"})')
+
+
 # --- conventions ------------------------------------------------------------------------------
 
 def test_alerts_follow_the_mixin_conventions() -> None:
@@ -211,6 +286,9 @@ def test_required_alerts_exist_with_the_intended_severity() -> None:
         "HADutyMultipleHolders": {"critical"},
         "HAStateStoreFailing": {"critical"},
         "HAProbeEngineBehind": {"warning"},
+        "HAClusterNoLeader": {"critical"},
+        "HAClusterMemberDown": {"warning"},
+        "HAMasterObserversDisagree": {"warning"},
     }
 
 
@@ -224,7 +302,8 @@ def test_burn_rate_alerts_use_the_workbook_windows() -> None:
         rule = burns[(long, short)]
         assert rule["labels"]["severity"] == severity
         assert f"ratio_rate{long}{{" in rule["expr"] and f"ratio_rate{short}{{" in rule["expr"]
-        assert rule["expr"].count(f"> ({factor} * 0.001)") == 2
+        # both windows, in the single-node branch and in the cluster one
+        assert rule["expr"].count(f"> ({factor} * 0.001)") == 4
 
 
 def test_recording_rules_are_named_level_metric_operations() -> None:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from exporter.metrics import DUTY_FAMILIES, OWNED_COUNTERS
+from exporter.metrics.cluster import HELP as CLUSTER_HELP
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = ROOT / "dashboards"
@@ -62,7 +63,7 @@ CONTRACT_METRICS: frozenset[str] = frozenset({
 #: of the contract's later sections among them), and used by the rules or dashboards.
 EXTRA_METRICS: frozenset[str] = frozenset(
     {"ha_master_recovery_timed_out", "ha_master_needs_reset", "ha_probe_schedule_lag_seconds",
-     "ha_probe_rounds_skipped_total"} | DUTY_FAMILIES | set(OWNED_COUNTERS)
+     "ha_probe_rounds_skipped_total"} | DUTY_FAMILIES | set(OWNED_COUNTERS) | set(CLUSTER_HELP)
 )
 #: Series every Prometheus has: target health and the alerts it evaluates.
 BUILTIN_SERIES: frozenset[str] = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE"})
