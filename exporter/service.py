@@ -127,8 +127,8 @@ class Service:
         """The masters whose per-master series this replica exports: all of them, or in
         cluster mode its own shard (each master's series come from its observers)."""
         node = self.cluster
-        if node is None:
-            return self.fleet
+        if node is None:  # a single node, or a replica that has not joined yet: no shard
+            return self.fleet if self.config.cluster is None else []
         mine = node.observing.mine
         return [rt for rt in self.fleet if rt.name in mine]
 
