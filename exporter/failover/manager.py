@@ -189,7 +189,9 @@ class FailoverManager:
                     await self.reconcile()
             except Exception:
                 log.exception("failover periodic round failed")
-            pause = min(self.config.failover.checkpoint_interval, self.config.probe.interval)
+            # until the next checkpoint is due, or one probe interval: a long round does not
+            # push the next one a whole interval further out
+            pause = max(0.05, min(next_checkpoint - time.monotonic(), self.config.probe.interval))
             await (asyncio.sleep(pause) if self.reality.complete()
                    else self.reality.wait_complete(pause))
 
