@@ -139,12 +139,12 @@ class Undoer:
             if only is not None and name != only:
                 continue
             needed = self._still_needed(name, action, arg)
-            self.store.cleanup_done(item["id"])  # ``undo`` queues it again if it fails
             if needed:
                 errors: list[str] = []
                 await self.undo(rt, action, arg, errors, failover_id=int(item["failover_id"] or 0))
                 if errors:
-                    continue
+                    continue  # ``undo`` queued it again: the same row, its error updated
+            self.store.cleanup_done(item["id"])
             log.info("queued %s on %s %s", action, name, "done" if needed else "obsolete",
                      extra={"event": "failover_cleanup", "master": name, "action": action})
 
