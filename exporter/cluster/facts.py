@@ -66,9 +66,17 @@ class Facts:
         self.leader_revision = 0  # create revision of our leader key; 0 while following
         self.epoch = 0
         self.writes = 0  # transactions written, for the benchmark of steady-state writes
+        self._written: dict[str, bytes] = {}  # each fact table as last written to etcd
+        self._pending: dict[str, bytes] = {}  # ... and as the transaction in flight writes it
         self._lock = asyncio.Lock()
 
     # --- the leader's side ---------------------------------------------------------------
+    def lead(self, revision: int, epoch: int) -> None:
+        """Write as the leader whose key was created at ``revision``; what an earlier term
+        wrote may have been overwritten since, so every table is written afresh."""
+        self.leader_revision, self.epoch = revision, epoch
+        self._written.clear()
+
     async def flush(self) -> str | None:
         """Write every marked fact; None when all are in etcd, else why not."""
         async with self._lock:
@@ -82,7 +90,10 @@ class Facts:
                 store.dirty -= facts
                 store.dirty_moves -= set(moves)
                 del store.dirty_audit[:len(audit)]
+                self._pending.clear()
                 ops, replaced = self._ops(facts, moves)
+                if not ops and not audit:
+                    continue
                 ops += [Put(f"{self.keys.audit}{float(e['ts']):017.6f}-{self.epoch}-{i}-"
                             f"{self.writes}", _dumps(e)) for i, e in enumerate(audit)]
                 try:
@@ -95,6 +106,7 @@ class Facts:
                     self._unmark(facts, moves, audit)
                     return "the leader key is no longer this replica's"
                 self.writes += 1
+                self._written.update(self._pending)
                 for move in replaced:
                     store.replaces.pop(move, None)
             return None
@@ -113,8 +125,15 @@ class Facts:
             ASSIGNMENTS: store.assignments, MAINTENANCE: store.maintenance,
             FLAGS: lambda: {"paused": store.paused(), "strategy": store.flag("strategy"),
                             "resets": store.flag("resets", {})},
-            CLEANUPS: store.cleanups}
-        ops += [Put(keys.fact(name), _dumps(tables[name]())) for name in sorted(facts)]
+            CLEANUPS: lambda: sorted(
+                ({"master": r["master"], "action": r["action"], "arg": r["arg"],
+                  "failover_id": r["failover_id"]} for r in store.cleanups()),
+                key=lambda r: (r["master"], r["action"], r["arg"] or ""))}
+        for name in sorted(facts):  # a table is written only when its content changed
+            value = _dumps(tables[name]())
+            if self._written.get(name) != value:
+                ops.append(Put(keys.fact(name), value))
+                self._pending[name] = value
         replaced = []
         for move in moves:
             row = store.get_failover(move)

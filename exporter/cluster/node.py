@@ -210,7 +210,7 @@ class ClusterNode:
         if epoch is None:
             return
         self.store.set_flag("epoch", epoch)
-        self.facts.leader_revision, self.facts.epoch = leader.revision, epoch
+        self.facts.lead(leader.revision, epoch)
         self.facts.take_all(self.mirror.under(self.keys.facts))
         self.store.marking = True
         adopted = self.facts.adopt_journal(self.mirror.under(self.keys.journal))

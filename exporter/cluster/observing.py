@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from exporter.cluster.etcd import Delete, Etcd, EtcdError, KeyValue, Put
 from exporter.cluster.keys import Keys
-from exporter.cluster.quorum import MAX_REASON, ClusterView, Verdict, aggregate, queue_bucket
+from exporter.cluster.quorum import MAX_REASON, ClusterView, Verdict, aggregate, published_queue
 from exporter.cluster.shard import Shards
 from exporter.config import ProbeConfig
 from exporter.fleet import Fleet, HealthMachine, MasterRuntime, Outcome, Sample, State, Transition
@@ -68,8 +68,9 @@ class Observing:
         # a new observer says nothing until its probes have shown something either way
         if ok or machine.state is State.FAILED or name in self._earned:
             self._earned.add(name)
-            state, queue = str(machine.state), queue_bucket(rt.queue_length)
             last = self._published.get(name)
+            state = str(machine.state)
+            queue = published_queue(last.queue if last else None, rt.queue_length)
             if last is None or (last.state, last.up, last.active, last.duties, last.queue) != (
                     state, ok, rt.reported_active, rt.reported_duties, queue):
                 try:

@@ -40,6 +40,7 @@ MAX_REASON = 200  # characters
 MAX_DUTIES = 1000  # entries
 MAX_DUTY = 200  # characters per duty
 MAX_QUEUE = 1 << 40
+QUEUE_SLACK = 16  # messages: a queue under this never makes a verdict change on its own
 
 # Every state an observer can publish: maintenance is an operator's decision, not a view.
 VERDICT_STATES = frozenset(s.value for s in State if s is not State.MAINTENANCE)
@@ -63,13 +64,17 @@ def _check_duties(duties: object) -> tuple[str, ...] | None:
     return tuple(duties)
 
 
-def queue_bucket(queue: float | None) -> int | None:
-    """A queue length as published: 0, or the power of two at or below it. A verdict changes
-    (and is written to etcd) when a queue halves or doubles, not on every message; peers route
-    and rebalance on figures within a factor of two."""
-    if queue is None or queue != queue or queue < 1:
-        return None if queue is None or queue != queue else 0
-    return 1 << min(int(queue), MAX_QUEUE).bit_length() - 1
+def published_queue(last: int | None, queue: float | None) -> int | None:
+    """The queue length an observer publishes, given the one it published ``last``: the new
+    figure once it has more than doubled or halved, with ``QUEUE_SLACK`` messages of slack,
+    else ``last`` again. A verdict (an etcd write) changes when a queue really moves, not
+    when it wobbles; peers route and rebalance on figures within about a factor of two."""
+    if queue is None or queue != queue:
+        return None
+    q = int(min(max(queue, 0), MAX_QUEUE))
+    if last is None or q > 2 * last + QUEUE_SLACK or 2 * q + QUEUE_SLACK < last:
+        return q
+    return last
 
 
 def _check_queue(queue: object) -> int | None:
@@ -93,7 +98,7 @@ class Verdict:
     active: bool | None
     duties: tuple[str, ...] | None
     reason: str
-    queue: int | None = None  # the master's queue length, as ``queue_bucket`` (None: unknown)
+    queue: int | None = None  # the master's queue length, ``published_queue`` (None: unknown)
 
     def __post_init__(self) -> None:
         if not self.observer:

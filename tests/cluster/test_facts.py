@@ -41,7 +41,7 @@ async def test_the_leaders_facts_reach_a_follower_and_stop_when_it_no_longer_lea
         leader = Facts(etcd, keys, leader_store, owners([]))
         seen: list[str] = []
         follower = Facts(etcd, keys, follower_store, owners(seen))
-        leader.leader_revision, leader.epoch = await lead(etcd, keys), 7
+        leader.lead(await lead(etcd, keys), 7)
         leader_store.marking = True
         leader_store.move_duties(["m1"], "m3", 100.0, 1)
         leader_store.set_maintenance("m2", True, 50.0)
@@ -72,10 +72,36 @@ async def test_retention_keeps_the_newest_records(tmp_path: Path,
     keys = Keys("/t")
     async with Etcd([etcd_server.endpoint], timeout=2.0) as etcd:
         facts = Facts(etcd, keys, ReplicatedStore(tmp_path / "s.db"), owners([]))
-        facts.leader_revision = await lead(etcd, keys)
+        facts.lead(await lead(etcd, keys), 1)
         names = [f"{keys.history}{t:017.6f}-1-{t}" for t in range(12)]
         for name in names:
             await etcd.put(name, b"{}")
         await facts.prune(names, 5)
         kvs, _ = await etcd.get_prefix(keys.history)
         assert [kv.key for kv in kvs] == names[-5:]
+
+
+async def test_a_fact_rewritten_unchanged_costs_etcd_no_write(
+    tmp_path: Path, etcd_server: EtcdServer,
+) -> None:
+    """A queued undo call retried every round (the same row, its error updated) must not
+    rewrite the table in etcd each time: steady state writes nothing."""
+    keys = Keys("/t")
+    async with Etcd([etcd_server.endpoint], timeout=2.0) as etcd:
+        store = ReplicatedStore(tmp_path / "leader.db")
+        facts = Facts(etcd, keys, store, owners([]))
+        facts.lead(await lead(etcd, keys), 3)
+        store.marking = True
+        store.add_cleanup("m1", "fence", None, 4, "connect refused")
+        assert await facts.flush() is None
+        _, before = await etcd.get_prefix(keys.root)
+        writes = facts.writes
+        for attempt in range(5):  # each round: retried, failed again, queued again
+            store.add_cleanup("m1", "fence", None, 4, f"connect refused ({attempt})")
+            assert await facts.flush() is None
+        _, after = await etcd.get_prefix(keys.root)
+        assert (after, facts.writes) == (before, writes)
+        store.add_cleanup("m2", "fence", None, 5, "")  # a real change is written
+        assert await facts.flush() is None
+        kv = await etcd.get(keys.fact("cleanups"))
+        assert kv is not None and [r["master"] for r in json.loads(kv.value)] == ["m1", "m2"]

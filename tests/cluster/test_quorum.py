@@ -16,7 +16,7 @@ from exporter.cluster.quorum import (
     Verdict,
     aggregate,
     effective_quorum,
-    queue_bucket,
+    published_queue,
 )
 from exporter.fleet.states import State
 
@@ -202,14 +202,17 @@ def test_from_json_accepts_the_edges():
     assert Verdict.from_json("a", dumped(duties=["x"] * 1000)).duties == ("x",) * 1000
 
 
-@pytest.mark.parametrize(("queue", "published"), [
-    (None, None), (float("nan"), None), (0, 0), (0.5, 0), (1, 1), (2, 2), (3, 2), (4, 4),
-    (7, 4), (8, 8), (1000, 512), (1025, 1024), (1e20, 1 << 40),
+@pytest.mark.parametrize(("last", "queue", "published"), [
+    (None, None, None), (5, None, None), (None, float("nan"), None), (None, 7.9, 7),
+    (None, -3, 0), (0, 9, 0), (0, 16, 0), (0, 17, 17),  # wobbles under the slack: no change
+    (17, 50, 17), (17, 51, 51), (51, 18, 51), (51, 17, 17),  # doubled or halved (+16): new
+    (1000, 1900, 1000), (1000, 2017, 2017), (1000, 492, 1000), (1000, 491, 491),
+    (None, 1e20, 1 << 40),
 ])
-def test_a_queue_is_published_as_the_power_of_two_at_or_below_it(
-    queue: float | None, published: int | None,
+def test_a_queue_is_republished_only_when_it_doubles_or_halves(
+    last: int | None, queue: float | None, published: int | None,
 ) -> None:
-    assert queue_bucket(queue) == published
+    assert published_queue(last, queue) == published
 
 
 @pytest.mark.parametrize("bad", ["-1", "1.5", "true", '"8"', str((1 << 40) + 1)])
