@@ -389,6 +389,8 @@ class Service:
         self.duties.update_config(new.masters)
         if self.failover is not None:
             self.failover.update_config(new)
+        if self.cluster is not None:  # masters added or removed: the shards are drawn again
+            self.cluster.reshard()
         log.info(
             "config reloaded: %d masters (added %s, removed %s, changed %s)",
             len(self.fleet),

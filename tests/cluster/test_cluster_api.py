@@ -11,13 +11,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from exporter.client import Client
 from tests.cluster import etcd_server as harness
 from tests.cluster.etcd_server import EtcdServer
 from tests.cluster.harness import PROBE, ClusterStack
 from tests.cluster.test_cluster import SPECS, ready, settled_probers
-from tests.processes import spawn_exporter
+from tests.processes import spawn_exporter, spawn_master
 from tests.support import TOKEN, get_json, master_entry, wait_for, write_config
 
 etcd_server = harness.etcd_server
@@ -185,3 +186,26 @@ async def test_a_reset_sent_to_a_follower_reaches_every_observer(
 
 async def _is(value: object, expected: str) -> bool:
     return await value == expected  # type: ignore[misc]
+
+
+async def test_a_master_added_by_reload_is_probed_by_its_observers(
+    cluster: ClusterStack,
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        await ready(http, cluster)
+        extra = await cluster_master(cluster, "master-e")
+        for member, path in cluster.configs.items():
+            text = path.read_text()
+            entry = yaml.safe_dump([master_entry("master-e", extra, "uae", "standby", 4)])
+            path.write_text(text.replace("masters:\n", "masters:\n" + entry, 1))
+            async with http.post(cluster.bases[member] + "/-/reload", headers=AUTH) as resp:
+                assert resp.status == 200, await resp.text()
+        seen = await settled_probers(http, cluster)
+        assert len(seen["master-e"]) == 2, seen
+
+
+async def cluster_master(cluster: ClusterStack, name: str) -> str:
+    proc = await spawn_master(cluster.tmp, name, "uae", "standby")
+    cluster.masters[name] = proc
+    cluster.urls[name] = proc.url or ""
+    return cluster.urls[name]
