@@ -1,10 +1,12 @@
 """Cluster mode over HTTP: the cluster's state, and operator actions sent to the leader.
 
 A mutating call that acts on the fleet (failover, pause, maintenance, reset, strategy) made to
-a follower is answered ``307 Temporary Redirect`` to the same path on the leader: the method,
-body and bearer token are kept by the client (curl -L, aiohttp, requests), the follower holds
-no connection open on the client's behalf, and the answer says which replica acted. Per-replica
-calls (``/-/reload``, ``/api/v1/route/report``) are never redirected.
+a follower is answered ``307 Temporary Redirect`` to the same path on the leader (a 307 keeps
+the method and body). Clients drop credentials on a redirect to another host or port, so the
+caller sends the request again to ``Location`` with its token (``curl --location-trusted``).
+The follower holds no connection open on the client's behalf, and the answer comes from the
+replica that acted. Per-replica calls (``/-/reload``, ``/api/v1/route/report``) are never
+redirected.
 """
 
 from __future__ import annotations
