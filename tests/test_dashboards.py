@@ -291,16 +291,36 @@ async def _settled(prom: LivePrometheus, replicas: int) -> None:
     and a few scrapes in, so that rate() and the recording rules have two samples."""
     per_master = min(OBSERVERS, replicas)
 
-    async def ready() -> bool:
+    async def ready() -> bool | tuple[str, ...]:
         up = _values(await prom.query('up{job="ha-exporter"} == 1'))
         probed = _values(await prom.query('ha_cluster_probed_masters{job="ha-exporter"}'))
-        ratios = await prom.query('master:ha_probe_errors:ratio_rate5m{job="ha-exporter"}')
+        # a dead replica's rate-based series linger for the rate's window: live ones only
+        ratios = await prom.query('master:ha_probe_errors:ratio_rate5m{job="ha-exporter"}'
+                                  ' and on (instance) up{job="ha-exporter"} == 1')
         verdicts = await prom.query('ha_master_observer_failed{job="ha-exporter"}')
-        return (len(up) == replicas and sum(probed) == len(MASTERS) * per_master
+        if (len(up) == replicas and sum(probed) == len(MASTERS) * per_master
                 and len(ratios) == len(MASTERS) * per_master
-                and len(verdicts) == len(MASTERS) * per_master)
+                and len(verdicts) == len(MASTERS) * per_master):
+            return True
+        global _last_unsettled  # what the wait reports if it times out
+        _last_unsettled = (f"up {len(up)}", f"probed {probed}",
+                           f"ratios {sorted(_series(r) for r in ratios)}",
+                           f"verdicts {sorted(_series(v) for v in verdicts)}")
+        return False
 
-    await wait_for(ready, 60, f"{replicas} replicas scraped with their shards settled", poll=0.5)
+    try:
+        await wait_for(ready, 60, f"{replicas} replicas scraped with their shards settled",
+                       poll=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {_last_unsettled}") from None
+
+
+_last_unsettled: tuple[str, ...] = ()
+
+
+def _series(sample: dict[str, Any]) -> str:
+    labels = sample["metric"]
+    return f"{labels.get('instance', '')}/{labels.get('master', '')}"
 
 
 async def _check_every_query(prom: LivePrometheus, members: int) -> None:
