@@ -143,6 +143,10 @@ class Checkpointer:
                 return rt.name, await self.pull(rt, timeout)
 
         results = await asyncio.gather(*(one(rt) for rt in todo))
+        try:
+            await self.store.aflush_stamps()  # the round's 304s, in one transaction
+        except _STORE_ERRORS as exc:
+            log.warning("checkpoint times not written: %s", exc)
         return dict(results)
 
     def forget(self, names: Iterable[str]) -> None:

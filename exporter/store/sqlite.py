@@ -19,9 +19,10 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from exporter.store.backlog import Stmt, insert, rollback
+from exporter.store.backlog import LIMIT, Stmt, insert, rollback
 from exporter.store.database import UPSERT_CHECKPOINT, Database, StoreError
 from exporter.store.pending import Checkpoint
 from exporter.store.schema import OPEN_RESULT, SCHEMA_VERSION
@@ -48,6 +49,18 @@ def _decode(row: Row, json_fields: Iterable[str]) -> dict[str, Any]:
 class Store(Database):
     """All persistent state of the exporter; every method is one short transaction (or, while
     the file fails, one entry of the backlog)."""
+
+    def __init__(self, path: str | Path, backlog_limit: int = LIMIT) -> None:
+        super().__init__(path, backlog_limit)
+        # a 304 stamps a checkpoint in memory; ``flush_stamps`` writes a round's stamps in one
+        # transaction. ``_kept``: the checksum of each checkpoint as the file holds it.
+        self._kept: dict[str, str] = {}
+        self._stamps: dict[str, float] = {}
+
+    def close(self) -> None:
+        if not self._closed:
+            self.flush_stamps()
+        super().close()
 
     # --- audit ----------------------------------------------------------------------------
     def audit(self, actor: str, action: str, master: str | None = None,
@@ -318,8 +331,14 @@ class Store(Database):
         except sqlite3.Error as exc:
             self._failed("checkpoint", exc)
             self._ckpts.put(master, (ts, checksum, snapshot))
+            with self._ckpt_lock:
+                self._kept.pop(master, None)
+                self._stamps.pop(master, None)
             return
         self._ckpts.discard(master)
+        with self._ckpt_lock:
+            self._kept[master] = checksum
+            self._stamps.pop(master, None)
 
     async def asave_checkpoint(self, master: str, ts: float, checksum: str,
                                snapshot: bytes) -> None:
@@ -337,16 +356,60 @@ class Store(Database):
         or when the file refuses the update (counted like any refused write)."""
         if self._ckpts.restamp(master, ts, checksum):
             return True
+        with self._ckpt_lock:
+            kept = self._kept.get(master)
+            if kept is not None:  # known: stamped in memory, written by ``flush_stamps``
+                if kept != checksum:
+                    return False
+                self._stamps[master] = ts
+                return True
         try:
             with self._ckpt_lock:
                 cur = self._ckpt.execute(
                     "UPDATE checkpoints SET ts = ? WHERE master = ? AND checksum = ?",
                     (ts, master, checksum),
                 )
+                if cur.rowcount > 0:
+                    self._kept[master] = checksum
         except sqlite3.Error as exc:
             self._failed("checkpoint", exc)
             return False
         return cur.rowcount > 0
+
+    def flush_stamps(self) -> None:
+        """Write the times that 304s vouched for since the last flush, in one transaction.
+        Until then (or if the file refuses them) they live in memory: a crash loses them, and
+        the checkpoints then look older than they are, never newer."""
+        with self._ckpt_lock:
+            rows = [(ts, m, self._kept[m]) for m, ts in self._stamps.items() if m in self._kept]
+            if not rows:
+                return
+            try:
+                self._ckpt.execute("BEGIN")
+                try:
+                    self._ckpt.executemany(
+                        "UPDATE checkpoints SET ts = ? WHERE master = ? AND checksum = ?", rows)
+                    self._ckpt.execute("COMMIT")
+                except BaseException:
+                    self._ckpt.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                failure: sqlite3.Error | None = exc
+            else:
+                failure = None
+                for _, master, _ in rows:
+                    self._stamps.pop(master, None)
+        if failure is not None:
+            self._failed("checkpoint", failure)
+
+    async def aflush_stamps(self) -> None:
+        """``flush_stamps`` off the event loop (a round's stamps are one row per master)."""
+        if self._ckpt is self._db:
+            self.flush_stamps()
+        else:
+            await asyncio.to_thread(self.flush_stamps)
+            if self.waiting:
+                self._arm_timer()  # the worker thread has no loop to arm it on
 
     def checkpoint(self, master: str) -> Checkpoint | None:
         """(ts, checksum, raw snapshot bytes) of the latest checkpoint, or None."""
@@ -361,7 +424,11 @@ class Store(Database):
         except sqlite3.Error as exc:
             self._failed("read", exc)
             return None
-        return (float(row[0]), str(row[1]), bytes(row[2])) if row else None
+        if not row:
+            return None
+        stamped = self._stamps.get(master)
+        ts = stamped if stamped is not None and self._kept.get(master) == row[1] else row[0]
+        return (float(ts), str(row[1]), bytes(row[2]))
 
     async def acheckpoint(self, master: str) -> Checkpoint | None:
         if self._ckpt is self._db or self._ckpts.get(master) is not None:
@@ -376,4 +443,6 @@ class Store(Database):
         except sqlite3.Error as exc:
             self._failed("read", exc)
             rows = []
-        return {**{r[0]: float(r[1]) for r in rows}, **self._ckpts.times()}
+        times = {r[0]: float(r[1]) for r in rows}
+        times.update((m, ts) for m, ts in self._stamps.items() if m in times)
+        return {**times, **self._ckpts.times()}
