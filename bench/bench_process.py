@@ -150,35 +150,7 @@ def start_nginx(tmp: Path, clients: list[str]) -> Nginx:
   }}"""
         for c, port in ports.items()
     )
-    conf = tmp / "nginx.conf"
-    conf.write_text(f"""daemon off;
-master_process off;
-worker_processes 1;
-worker_rlimit_nofile {NOFILE * 2};
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections {NOFILE}; use epoll; multi_accept on; }}
-http {{
-  log_format one '.';
-  log_format status '$status';
-  map $uri $health {{ ~/health$ 1; default 0; }}  # probes only (not the failover's calls)
-  map $request_uri $state {{ ~/state$ 1; default 0; }}  # checkpoints (static file: ETag, 304)
-  client_body_temp_path {tmp}/body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fastcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
-  keepalive_requests 100000000;
-  keepalive_timeout 300s;
-{servers}
-}}
-""")
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    proc = subprocess.Popen(
-        pinned(LOAD_CORE, [nginx, "-c", str(conf), "-p", str(tmp)]),
-        stdout=subprocess.DEVNULL, stderr=(tmp / "nginx.out").open("wb"),
-        preexec_fn=_raise_nofile,
-    )
+    proc = spawn_nginx(tmp, NOFILE * 2, NOFILE, servers)
     for port in ports.values():
         try:
             wait_http(f"http://127.0.0.1:{port}/warm")
@@ -186,6 +158,41 @@ http {{
             proc.kill()
             sys.exit(f"nginx did not start: {(tmp / 'nginx.out').read_text()[-2000:]}")
     return Nginx(proc, ports, logs)
+
+
+def spawn_nginx(tmp: Path, rlimit: int, connections: int, http: str) -> subprocess.Popen[bytes]:
+    """nginx on the load core with ``http`` inside its http block, after the common part: log
+    formats ``one`` and ``status``, ``$health`` (probes only, not the failover's calls) and
+    ``$state`` (checkpoints), temp paths under ``tmp``, long keep-alive."""
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile {rlimit};
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections {connections}; use epoll; multi_accept on; }}
+http {{
+  log_format one '.';
+  log_format status '$status';
+  map $uri $health {{ ~/health$ 1; default 0; }}
+  map $request_uri $state {{ ~/state$ 1; default 0; }}
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+{http}
+}}
+""")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return subprocess.Popen(
+        pinned(LOAD_CORE, [nginx, "-c", str(conf), "-p", str(tmp)]),
+        stdout=subprocess.DEVNULL, stderr=(tmp / "nginx.out").open("wb"),
+        preexec_fn=_raise_nofile,
+    )
 
 
 # --- the exporter --------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,9 +40,9 @@ from bench.bench_process import (
     LOAD_CORE,
     NOFILE,
     Nginx,
-    _raise_nofile,
     pinned,
     snapshot,
+    spawn_nginx,
 )
 from bench.common import cpu_seconds, free_port, rss_kib, wait_http
 from tests.cluster.etcd_server import EtcdServer
@@ -132,28 +131,8 @@ def start_fleet_nginx(tmp: Path, observers: list[str]) -> tuple[Nginx, int]:
         for i, o in enumerate(observers, 1))
     active = BULK_BODY % ("true", '["$m"]')
     standby = BULK_BODY % ("false", "[]")
-    conf = tmp / "nginx.conf"
-    conf.write_text(f"""daemon off;
-master_process off;
-worker_processes 1;
-worker_rlimit_nofile {NOFILE};
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections {NOFILE - 500}; use epoll; multi_accept on; }}
-http {{
-  log_format one '.';
-  log_format status '$status';
-  map $uri $health {{ ~/health$ 1; default 0; }}
-  map $request_uri $state {{ ~/state$ 1; default 0; }}
-  map $msec $qdigit {{ "~[.][0-9][0-9](?<d>[0-9])$" $d; default 0; }}
+    http = f"""  map $msec $qdigit {{ "~[.][0-9][0-9](?<d>[0-9])$" $d; default 0; }}
 {maps}
-  client_body_temp_path {tmp}/body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fastcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
-  keepalive_requests 100000000;
-  keepalive_timeout 300s;
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     access_log {logs[ALL]} one buffer=16k flush=1s if=$health;
@@ -169,14 +148,8 @@ http {{
                          try_files /state.json =404; }}
     location / {{ default_type application/json; return 404 '{{"error": "not here"}}'; }}
   }}
-}}
-""")
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    proc = subprocess.Popen(
-        pinned(LOAD_CORE, [nginx, "-c", str(conf), "-p", str(tmp)]),
-        stdout=subprocess.DEVNULL, stderr=(tmp / "nginx.out").open("wb"),
-        preexec_fn=_raise_nofile,
-    )
+"""
+    proc = spawn_nginx(tmp, NOFILE, NOFILE - 500, http)
     try:
         wait_http(f"http://127.0.0.1:{port}/na0/health")
     except RuntimeError:
