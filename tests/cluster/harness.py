@@ -16,8 +16,12 @@ import aiohttp
 
 from tests.cluster.etcd_server import EtcdServer
 from tests.processes import Proc, Spec, master_proc, spawn_exporter, stop_all
-from tests.support import master_entry, wait_for, write_config
+from tests.support import get_json, master_entry, wait_for, wait_ready, write_config
 
+SPECS: list[Spec] = [("master-a", "uae", "active", 1), ("master-b", "uae", "active", 1),
+                     ("master-c", "uae", "standby", 2), ("master-d", "uae", "standby", 3)]
+STANDBYS = ("master-c", "master-d")
+TTL = 2.0  # the stack's default lease_ttl, in seconds
 PROBE = {"interval": "250ms", "timeout": "200ms", "failure_threshold": 2,
          "recovery_threshold": 2, "degraded_latency": "150ms", "jitter": 0.1}
 
@@ -64,6 +68,16 @@ class ClusterStack:
     def stop(self) -> None:
         stop_all([*self.replicas.values(), *self.masters.values()])
 
+    async def __aenter__(self) -> ClusterStack:
+        try:
+            return await self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    async def __aexit__(self, *_: object) -> None:
+        self.stop()
+
     # --- what the cluster says ---------------------------------------------------------------
     async def status(self, http: aiohttp.ClientSession, member: str) -> dict[str, Any]:
         """``GET /api/v1/cluster`` of ``member``; a paused replica fails it in 2 s."""
@@ -106,3 +120,59 @@ class ClusterStack:
     async def shards(self, http: aiohttp.ClientSession, member: str) -> Mapping[str, list[str]]:
         st = await self.status(http, member)
         return {m["member"]: m["masters"] for m in st["members"]}
+
+
+# --- what the masters say (the truth the tests check) -----------------------------------
+
+
+async def ready(http: aiohttp.ClientSession, cluster: ClusterStack) -> str:
+    """Every replica ready (a member), and the leader they agree on."""
+    for base in cluster.bases.values():
+        await wait_ready(http, base, timeout=30)
+    return await cluster.settled_leader(http)
+
+
+async def chaos(http: aiohttp.ClientSession, cluster: ClusterStack, master: str) -> Any:
+    return await get_json(http, cluster.urls[master] + "/chaos")
+
+
+async def health(http: aiohttp.ClientSession, cluster: ClusterStack, master: str) -> Any:
+    return await get_json(http, cluster.urls[master] + "/health")
+
+
+async def holders(http: aiohttp.ClientSession, cluster: ClusterStack, duty: str,
+                  among: tuple[str, ...]) -> list[str]:
+    """The masters that report serving ``duty`` themselves."""
+    out = []
+    for name in among:
+        h = await health(http, cluster, name)
+        if h.get("active") and duty in (h.get("duties") or []):
+            out.append(name)
+    return out
+
+
+async def activations(http: aiohttp.ClientSession, cluster: ClusterStack) -> int:
+    return sum([(await chaos(http, cluster, m))["activations"] for m in STANDBYS])
+
+
+async def probers(http: aiohttp.ClientSession, cluster: ClusterStack,
+                  window: float = 1.5) -> dict[str, set[str]]:
+    """Which replicas probed each live master during ``window`` seconds, as the master
+    counted them."""
+    names = [n for n, p in cluster.masters.items() if p.popen.poll() is None]
+    before = {n: (await chaos(http, cluster, n))["probes_by_observer"] for n in names}
+    await asyncio.sleep(window)
+    out = {}
+    for n in names:
+        after = (await chaos(http, cluster, n))["probes_by_observer"]
+        out[n] = {o for o, count in after.items() if count > before[n].get(o, 0)}
+    return out
+
+
+async def settled_probers(http: aiohttp.ClientSession, cluster: ClusterStack,
+                          observers: int = 2) -> dict[str, set[str]]:
+    """``probers`` once every live master is probed by exactly ``observers`` replicas."""
+    async def settled() -> dict[str, set[str]] | None:
+        seen = await probers(http, cluster, 0.8)
+        return seen if all(len(o) == observers for o in seen.values()) else None
+    return await wait_for(settled, 20, f"every master probed by {observers} replicas")

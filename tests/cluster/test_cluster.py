@@ -11,84 +11,22 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
-from tests.cluster.etcd_server import EtcdServer, etcd_server  # noqa: F401  (fixture)
-from tests.cluster.harness import ClusterStack
-from tests.support import get_json, metric_value, wait_for, wait_ready
-
-SPECS = [("master-a", "uae", "active", 1), ("master-b", "uae", "active", 1),
-         ("master-c", "uae", "standby", 2), ("master-d", "uae", "standby", 3)]
-STANDBYS = ("master-c", "master-d")
-TTL = 2.0  # the stack's lease_ttl
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, etcd_server: EtcdServer) -> AsyncIterator[ClusterStack]:  # noqa: F811
-    stack = ClusterStack(tmp_path, etcd_server, SPECS, failover={"cooldown": "1s"})
-    try:
-        await stack.start()
-        yield stack
-    finally:
-        stack.stop()
-
-
-async def ready(http: aiohttp.ClientSession, cluster: ClusterStack) -> str:
-    """Every replica ready (a member), and the leader they agree on."""
-    for base in cluster.bases.values():
-        await wait_ready(http, base, timeout=30)
-    return await cluster.settled_leader(http)
-
-
-async def chaos(http: aiohttp.ClientSession, cluster: ClusterStack, master: str) -> Any:
-    return await get_json(http, cluster.urls[master] + "/chaos")
-
-
-async def health(http: aiohttp.ClientSession, cluster: ClusterStack, master: str) -> Any:
-    return await get_json(http, cluster.urls[master] + "/health")
-
-
-async def holders(http: aiohttp.ClientSession, cluster: ClusterStack, duty: str,
-                  among: tuple[str, ...]) -> list[str]:
-    """The masters that report serving ``duty`` themselves."""
-    out = []
-    for name in among:
-        h = await health(http, cluster, name)
-        if h.get("active") and duty in (h.get("duties") or []):
-            out.append(name)
-    return out
-
-
-async def activations(http: aiohttp.ClientSession, cluster: ClusterStack) -> int:
-    return sum([(await chaos(http, cluster, m))["activations"] for m in STANDBYS])
-
-
-async def probers(http: aiohttp.ClientSession, cluster: ClusterStack,
-                  window: float = 1.5) -> dict[str, set[str]]:
-    """Which replicas probed each live master during ``window`` seconds, as the master
-    counted them."""
-    names = [n for n, p in cluster.masters.items() if p.popen.poll() is None]
-    before = {n: (await chaos(http, cluster, n))["probes_by_observer"] for n in names}
-    await asyncio.sleep(window)
-    out = {}
-    for n in names:
-        after = (await chaos(http, cluster, n))["probes_by_observer"]
-        out[n] = {o for o, count in after.items() if count > before[n].get(o, 0)}
-    return out
-
-
-async def settled_probers(http: aiohttp.ClientSession, cluster: ClusterStack,
-                          observers: int = 2) -> dict[str, set[str]]:
-    """``probers`` once every live master is probed by exactly ``observers`` replicas."""
-    async def settled() -> dict[str, set[str]] | None:
-        seen = await probers(http, cluster, 0.8)
-        return seen if all(len(o) == observers for o in seen.values()) else None
-    return await wait_for(settled, 20, f"every master probed by {observers} replicas")
+from tests.cluster.harness import (
+    SPECS,
+    STANDBYS,
+    TTL,
+    ClusterStack,
+    activations,
+    holders,
+    probers,
+    ready,
+    settled_probers,
+)
+from tests.support import get_json, metric_value, wait_for
 
 
 async def test_one_leader_and_every_master_probed_by_exactly_observers_replicas(

@@ -6,33 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 import yaml
 
 from exporter.client import Client
-from tests.cluster import etcd_server as harness
 from tests.cluster.etcd_server import EtcdServer
-from tests.cluster.harness import PROBE, ClusterStack
-from tests.cluster.test_cluster import SPECS, ready, settled_probers
+from tests.cluster.harness import PROBE, SPECS, ClusterStack, ready, settled_probers
 from tests.processes import spawn_exporter, spawn_master
 from tests.support import TOKEN, get_json, master_entry, wait_for, write_config
 
-etcd_server = harness.etcd_server
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, etcd_server: EtcdServer) -> AsyncIterator[ClusterStack]:
-    stack = ClusterStack(tmp_path, etcd_server, SPECS, failover={"cooldown": "1s"})
-    try:
-        await stack.start()
-        yield stack
-    finally:
-        stack.stop()
 
 
 async def test_an_action_sent_to_a_follower_is_redirected_to_the_leader_and_shared(
@@ -144,44 +129,40 @@ async def test_a_reset_sent_to_a_follower_reaches_every_observer(
     """A standby that ran out of recovery attempts stays failed on every observer until an
     operator's reset, sent to a follower, reaches them all."""
     probe = {**PROBE, "recovery_threshold": 12}  # a three-second window to be caught in
-    stack = ClusterStack(tmp_path, etcd_server, SPECS, probe=probe,
-                         failover={"max_recovery_attempts": 1})
-    try:
-        await stack.start()
-        async with aiohttp.ClientSession() as http:
-            leader = await ready(http, stack)
-            await settled_probers(http, stack)
-            follower = next(m for m in stack.replicas if m != leader)
-            chaos = stack.urls["master-d"] + "/chaos"
+    async with ClusterStack(tmp_path, etcd_server, SPECS, probe=probe,
+                            failover={"max_recovery_attempts": 1}) as stack, \
+            aiohttp.ClientSession() as http:
+        leader = await ready(http, stack)
+        await settled_probers(http, stack)
+        follower = next(m for m in stack.replicas if m != leader)
+        chaos = stack.urls["master-d"] + "/chaos"
 
-            async def state(member: str = leader) -> str:
-                body = await get_json(http, stack.bases[member] + "/api/v1/masters/master-d")
-                return str(body["state"])
+        async def state(member: str = leader) -> str:
+            body = await get_json(http, stack.bases[member] + "/api/v1/masters/master-d")
+            return str(body["state"])
 
-            async def mode(name: str) -> None:
-                async with http.post(chaos, json={"mode": name}) as resp:
-                    assert resp.status == 200
-            await mode("error")
-            await wait_for(lambda: _is(state(), "failed"), 10, "master-d failed")
-            await mode("ok")
-            await wait_for(lambda: _is(state(), "recovering"), 10, "master-d recovering")
-            await asyncio.sleep(1.0)  # both observers recovering (3 s to healthy)...
-            await mode("error")  # ...fail while recovering: no attempt left on either
-            await wait_for(lambda: _is(state(), "failed"), 10, "master-d failed again")
-            await mode("ok")
-            await asyncio.sleep(4.0)  # longer than the recovery threshold: it stays failed
-            assert await state() == "failed"
-            url = stack.bases[follower] + "/api/v1/masters/master-d/reset"
-            async with http.post(url, headers=AUTH, allow_redirects=False) as resp:
-                assert resp.status == 307
-                target = resp.headers["Location"]
-            async with http.post(target, headers=AUTH) as resp:
-                assert resp.status == 200, await resp.text()
-            for member in stack.replicas:
-                await wait_for(lambda m=member: _is(state(m), "healthy"), 15,
-                               f"master-d healthy on {member}")
-    finally:
-        stack.stop()
+        async def mode(name: str) -> None:
+            async with http.post(chaos, json={"mode": name}) as resp:
+                assert resp.status == 200
+        await mode("error")
+        await wait_for(lambda: _is(state(), "failed"), 10, "master-d failed")
+        await mode("ok")
+        await wait_for(lambda: _is(state(), "recovering"), 10, "master-d recovering")
+        await asyncio.sleep(1.0)  # both observers recovering (3 s to healthy)...
+        await mode("error")  # ...fail while recovering: no attempt left on either
+        await wait_for(lambda: _is(state(), "failed"), 10, "master-d failed again")
+        await mode("ok")
+        await asyncio.sleep(4.0)  # longer than the recovery threshold: it stays failed
+        assert await state() == "failed"
+        url = stack.bases[follower] + "/api/v1/masters/master-d/reset"
+        async with http.post(url, headers=AUTH, allow_redirects=False) as resp:
+            assert resp.status == 307
+            target = resp.headers["Location"]
+        async with http.post(target, headers=AUTH) as resp:
+            assert resp.status == 200, await resp.text()
+        for member in stack.replicas:
+            await wait_for(lambda m=member: _is(state(m), "healthy"), 15,
+                           f"master-d healthy on {member}")
 
 
 async def _is(value: object, expected: str) -> bool:

@@ -25,11 +25,8 @@ from exporter.cluster.etcd import (
     Put,
     WatchEvent,
 )
-from tests.cluster import etcd_server as harness
 from tests.cluster.etcd_server import EtcdServer
 from tests.support import serve_app, wait_for
-
-etcd_server = harness.etcd_server  # the fixture
 
 TIMEOUT = 0.5
 SLACK = 1.0  # what a call may take beyond its timeout on a loaded machine

@@ -10,10 +10,7 @@ from exporter.cluster.etcd import Compare, Etcd, Put
 from exporter.cluster.facts import Facts, Owners
 from exporter.cluster.keys import Keys
 from exporter.cluster.replicated import ReplicatedStore
-from tests.cluster import etcd_server as harness
 from tests.cluster.etcd_server import EtcdServer
-
-etcd_server = harness.etcd_server
 
 
 def owners(seen: list[str]) -> Owners:

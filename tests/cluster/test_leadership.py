@@ -13,13 +13,12 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from tests.cluster import etcd_server as harness
 from tests.cluster.etcd_server import EtcdServer
-from tests.cluster.harness import ClusterStack
-from tests.cluster.test_cluster import (
+from tests.cluster.harness import (
     SPECS,
     STANDBYS,
     TTL,
+    ClusterStack,
     activations,
     holders,
     probers,
@@ -27,8 +26,6 @@ from tests.cluster.test_cluster import (
     settled_probers,
 )
 from tests.support import metric_value, serve_app, wait_for
-
-etcd_server = harness.etcd_server
 
 
 class Hook:
@@ -62,12 +59,8 @@ async def stack(tmp: Path, etcd: EtcdServer, hook_url: str | None = None,
     if hook_url is not None:
         failover["pre_hook"] = {"url": hook_url, "timeout": "10s"}
         failover["step_timeout"] = "10s"
-    cluster = ClusterStack(tmp, etcd, SPECS, failover=failover)
-    try:
-        await cluster.start()
+    async with ClusterStack(tmp, etcd, SPECS, failover=failover) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 async def one_holder_and_one_activation(http: aiohttp.ClientSession, cluster: ClusterStack,

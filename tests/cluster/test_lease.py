@@ -8,11 +8,9 @@ from pathlib import Path
 
 from exporter.cluster.etcd import Etcd
 from exporter.cluster.lease import MemberLease
-from tests.cluster import etcd_server as harness
 from tests.cluster.etcd_server import EtcdServer
 from tests.support import wait_for
 
-etcd_server = harness.etcd_server
 TTL = 3.0
 
 
