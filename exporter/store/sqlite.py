@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from exporter.store.backlog import LIMIT, Stmt, insert, rollback
+from exporter.store.backlog import LIMIT, Stmt, execute, insert, rollback
 from exporter.store.database import UPSERT_CHECKPOINT, Database, StoreError
 from exporter.store.pending import Checkpoint
 from exporter.store.schema import OPEN_RESULT, SCHEMA_VERSION
@@ -44,6 +44,9 @@ def _decode(row: Row, json_fields: Iterable[str]) -> dict[str, Any]:
         if f in out and isinstance(out[f], str):
             out[f] = json.loads(out[f])
     return out
+
+
+RESTAMP_CHECKPOINT = "UPDATE checkpoints SET ts = ? WHERE master = ? AND checksum = ?"
 
 
 class Store(Database):
@@ -365,10 +368,7 @@ class Store(Database):
                 return True
         try:
             with self._ckpt_lock:
-                cur = self._ckpt.execute(
-                    "UPDATE checkpoints SET ts = ? WHERE master = ? AND checksum = ?",
-                    (ts, master, checksum),
-                )
+                cur = self._ckpt.execute(RESTAMP_CHECKPOINT, (ts, master, checksum))
                 if cur.rowcount > 0:
                     self._kept[master] = checksum
         except sqlite3.Error as exc:
@@ -385,14 +385,7 @@ class Store(Database):
             if not rows:
                 return
             try:
-                self._ckpt.execute("BEGIN")
-                try:
-                    self._ckpt.executemany(
-                        "UPDATE checkpoints SET ts = ? WHERE master = ? AND checksum = ?", rows)
-                    self._ckpt.execute("COMMIT")
-                except BaseException:
-                    self._ckpt.execute("ROLLBACK")
-                    raise
+                execute(self._ckpt, [Stmt(RESTAMP_CHECKPOINT, row) for row in rows])
             except sqlite3.Error as exc:
                 failure: sqlite3.Error | None = exc
             else:
